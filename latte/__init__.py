@@ -1,0 +1,1 @@
+"""Latte at cluster scale."""

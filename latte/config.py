@@ -1,0 +1,321 @@
+"""One typed configuration for every entry point: defaults < YAML preset < ``--set key.sub=value``.
+
+Each field is documented where it is declared. ``load_config`` parses, type-checks and validates in one
+step; every mistake is a single ``ConfigError`` line that names the key (and the closest valid key when the
+name is misspelt) or the reason a combination of values cannot work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "Latte-XL/2"  # a flavor of LATTE_MODELS: "Latte-S/2" ... "Latte-XL/8", or tiny "Latte-T/2"
+    num_classes: int = 0  # 0 = unconditional; N = class-conditional with N classes (UCF101: 101)
+    learn_sigma: bool = True  # predict the variance interpolation too (2C output channels), as released
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (class-conditional only)
+    in_channels: int = 4  # latent channels of the VAE
+    attention: str = "auto"  # auto | flash | xformers | sdpa | math (math = the original's reference path)
+    gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~1/3 more compute
+    # Architecture overrides; None takes the flavor's value. Changing them breaks checkpoint compatibility.
+    depth: int | None = None  # spatial + temporal blocks together (even)
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+
+
+@dataclass
+class DataConfig:
+    index: str = ""  # the dataset's index.json (local path or s3://bucket/prefix/index.json); "" = synthetic
+    image_size: int = 256  # pixels (square); latents are image_size / vae_downsample
+    num_frames: int = 16  # frames per clip
+    frame_interval: int = 3  # stride between sampled frames (used by the sharding job)
+    vae_downsample: int = 8  # spatial factor of the VAE (8 for the SD VAE)
+    num_workers: int = 8  # loader worker processes per rank
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_downsample
+
+
+@dataclass
+class DiffusionConfig:
+    diffusion_steps: int = 1000  # T of the forward process
+    noise_schedule: str = "linear"  # linear (betas 1e-4..0.02, as Latte) | squaredcos_cap_v2
+    timestep_respacing: str = ""  # training: "" = all steps
+    sampling_steps: str = "250"  # respacing for sampling: "250" (DDPM, as the reference) or "ddim50"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 3407  # global seed (the reference's)
+    micro_batch_size: int = 5  # clips per rank per forward ("local_batch_size")
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1_000_000  # optimizer steps
+    lr: float = 1e-4  # AdamW learning rate after warmup (constant)
+    warmup_steps: int = 0  # linear warmup from 0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_max_norm: float = 0.1  # gradient clipping norm, applied from clip_start_step on
+    clip_start_step: int = 100_000  # no clipping before this step (the reference's start_clip_iter)
+    ema_decay: float = 0.9999  # EMA of the weights; the EMA starts as a copy of the initial weights
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling, GPU only)
+    log_every: int = 50  # steps between metric reductions/prints (no per-step host sync)
+    ckpt_every: int = 10_000  # steps between checkpoints
+    results_dir: str = "./results"  # one run directory per job is created under it
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Stable short hash of the resolved values (to recognise a checkpoint's config)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML atomically (temp name, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overriding, type checking
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str, cfg: Config) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's annotation; accept the lossless conversions YAML needs."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. sampling_steps: 250
+            return str(value)
+    raise ConfigError(f"config key '{key}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _apply(cfg: Any, updates: dict[str, Any], root: Config, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key, root)
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give its keys, e.g. {key}.<name>=...")
+            _apply(current, value, root, f"{key}.")
+        else:
+            setattr(cfg, name, _coerce(key, value, hints[name]))
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` ("key.sub=value"); then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        _apply(cfg, data, cfg)
+    for item in overrides or []:
+        _apply(cfg, _parse_override(item), cfg)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: combinations that cannot work fail here, with the reason
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolved_arch(cfg: Config):
+    """The model's architecture: its flavor with any overrides applied."""
+    from latte.models.flavors import LATTE_ARCHS
+
+    m = cfg.model
+    if m.name not in LATTE_ARCHS:
+        close = difflib.get_close_matches(m.name, list(LATTE_ARCHS), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; choose one of {', '.join(LATTE_ARCHS)}"
+        raise ConfigError(f"model.name '{m.name}' is not a Latte flavor{hint}")
+    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
+    return dataclasses.replace(LATTE_ARCHS[m.name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} '{value}' is not one of {', '.join(choices)}")
+
+
+def _positive(cfg: Config, keys: list[str]) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+
+
+def validate(cfg: Config) -> None:
+    from latte.models.attention import BACKENDS
+
+    arch = resolved_arch(cfg)
+    _choice("model.attention", cfg.model.attention, BACKENDS)
+    _choice("train.precision", cfg.train.precision, PRECISIONS)
+    _choice("diffusion.noise_schedule", cfg.diffusion.noise_schedule, NOISE_SCHEDULES)
+    _positive(
+        cfg,
+        [
+            "model.in_channels",
+            "data.image_size",
+            "data.num_frames",
+            "data.frame_interval",
+            "data.vae_downsample",
+            "diffusion.diffusion_steps",
+            "train.micro_batch_size",
+            "train.gradient_accumulation_steps",
+            "train.max_steps",
+            "train.log_every",
+            "train.ckpt_every",
+        ],
+    )
+    if cfg.model.num_classes < 0:
+        raise ConfigError(f"model.num_classes must be >= 0 (0 = unconditional), got {cfg.model.num_classes}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.image_size % cfg.data.vae_downsample:
+        raise ConfigError(
+            f"data.image_size {cfg.data.image_size} is not divisible by the VAE factor "
+            f"{cfg.data.vae_downsample}"
+        )
+    latent = cfg.data.latent_size
+    if latent % arch.patch_size:
+        raise ConfigError(
+            f"patch size {arch.patch_size} of {cfg.model.name} does not divide the latent size {latent} "
+            f"(data.image_size {cfg.data.image_size} / {cfg.data.vae_downsample})"
+        )
+    if arch.hidden_size % arch.num_heads:
+        raise ConfigError(f"hidden size {arch.hidden_size} is not divisible by num_heads {arch.num_heads}")
+    if arch.hidden_size % 4:
+        raise ConfigError(f"hidden size {arch.hidden_size} must be a multiple of 4 for the sin-cos tables")
+    if arch.depth < 2 or arch.depth % 2:
+        raise ConfigError(f"model depth {arch.depth} must be even and >= 2 (spatial/temporal pairs)")
+    if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
+        raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
+    if not 0.0 <= cfg.train.ema_decay <= 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1], got {cfg.train.ema_decay}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
+    if len(cfg.train.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.adam_betas):
+        raise ConfigError(f"train.adam_betas must be two values in [0, 1), got {cfg.train.adam_betas}")
+    for key in ("timestep_respacing", "sampling_steps"):
+        _check_respacing(f"diffusion.{key}", getattr(cfg.diffusion, key), cfg.diffusion.diffusion_steps)
+
+
+def _check_respacing(key: str, value: str, steps: int) -> None:
+    """Respacing strings: "" (all steps), "250", "10,20,30" (per-section counts) or "ddimN"."""
+    if value == "":
+        return
+    body = value[len("ddim") :] if value.startswith("ddim") else value
+    try:
+        counts = [int(x) for x in body.split(",")]
+    except ValueError:
+        raise ConfigError(f"{key} '{value}' must be '', 'N', 'N1,N2,...' or 'ddimN'") from None
+    if any(c < 1 for c in counts) or sum(counts) > steps:
+        raise ConfigError(
+            f"{key} '{value}' asks for more steps than diffusion_steps {steps} (or a zero count)"
+        )

@@ -1,0 +1,257 @@
+"""Latte: a latent diffusion transformer for video (Ma et al., 2024), as a pure nn.Module.
+
+Spatial and temporal transformer blocks alternate (``blocks[0]`` spatial, ``blocks[1]`` temporal, ...): a
+spatial block attends over the tokens of one frame, a temporal block over the frames at one token position.
+Conditioning (timestep + class) enters every block and the final layer through adaLN-Zero.
+The parameter names and the function computed are those of the released Latte checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from latte.models.attention import Attention
+from latte.models.embeddings import (
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    sincos_2d,
+    sincos_temporal,
+)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x (N, S, L, D) with per-sequence shift/scale (N, S, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2, named as the checkpoints name it."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + MLP with adaLN-Zero modulation and gates from the conditioning vector.
+
+    Works on x of shape (N, S, L, D): N samples, S independent sequences per sample, each of length L.
+    Spatial blocks see (N, F, T, D); temporal blocks see (N, T, F, D). Attention runs over L only.
+    The modulation is computed for each of the N*S sequences, as the original model does, although it only
+    depends on the sample: a matmul's rounding depends on its row count, and this keeps outputs bit-equal to
+    the released model's (cost: ~2% of Latte-XL/2's FLOPs, mostly in temporal blocks).
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, backend=backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x (N, S, L, D); c (N, D); mask (N, S, L) bool (True = real token) or None."""
+        n, s, length, d = x.shape
+        mod = self.adaLN_modulation(c.repeat_interleave(s, dim=0))  # (N*S, 6D), row n*S + s
+        mod = mod.reshape(n, s, 1, 6 * d)  # (N, S, 1, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift_msa, scale_msa).reshape(n * s, length, d)  # (N*S, L, D)
+        key_mask = None if mask is None else mask.reshape(n * s, length)  # (N*S, L)
+        x = x + gate_msa * self.attn(h, key_mask).reshape(n, s, length, d)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm, then a linear map from each token to its p*p*C_out patch values."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        n, f = x.shape[:2]
+        mod = self.adaLN_modulation(c.repeat_interleave(f, dim=0))  # (N*F, 2D), per frame as the original
+        shift, scale = mod.reshape(n, f, 1, -1).chunk(2, dim=-1)  # each (N, F, 1, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, F, T, p*p*C_out)
+
+
+class Latte(nn.Module):
+    """Latte video diffusion transformer.
+
+    Args:
+        input_size: latent height = width (image size / 8 for the SD VAE).
+        patch_size: spatial patch size p (2 for the released models).
+        in_channels: latent channels (4).
+        hidden_size, depth, num_heads, mlp_ratio: transformer shape; ``depth`` counts spatial and temporal
+            blocks together and must be even.
+        num_frames: frames the temporal position table covers (inputs may have fewer).
+        num_classes: 0 or None builds the unconditional model; otherwise a label embedder is added.
+        learn_sigma: output 2*C channels (eps and the variance interpolation values).
+        class_dropout_prob: label dropout in training (adds the "no class" row used by guidance).
+        attention: attention backend, one of ``latte.models.attention.BACKENDS``.
+        gradient_checkpointing: recompute each block in backward instead of storing its activations.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_frames: int = 16,
+        class_dropout_prob: float = 0.1,
+        num_classes: int | None = 1000,
+        learn_sigma: bool = True,
+        attention: str = "auto",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"patch size {patch_size} does not divide the latent size {input_size}")
+        if depth % 2:
+            raise ValueError(f"depth {depth} must be even: spatial and temporal blocks come in pairs")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_heads = num_heads
+        self.num_frames = num_frames
+        self.num_classes = num_classes or 0
+        self.gradient_checkpointing = gradient_checkpointing
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if self.num_classes:
+            self.y_embedder = LabelEmbedder(self.num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        # Fixed sin-cos tables, kept as frozen parameters because the checkpoints store them that way.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.temp_embed = nn.Parameter(torch.zeros(1, num_frames, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(hidden_size, num_heads, mlp_ratio, backend=attention) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT/Latte initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        grid = self.x_embedder.grid_size
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid)).float()[None])
+        temporal = sincos_temporal(self.temp_embed.shape[-1], self.num_frames)
+        self.temp_embed.data.copy_(torch.from_numpy(temporal).float()[None])
+
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # the patch conv initialised as a linear map
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        if self.num_classes:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(N, F, T, p*p*C_out) tokens -> (N, F, C_out, H, W) latents."""
+        n, f = x.shape[:2]
+        p, c, g = self.patch_size, self.out_channels, self.x_embedder.grid_size
+        x = x.reshape(n, f, g, g, p, p, c)  # (N, F, h, w, p, q, C)
+        x = torch.einsum("nfhwpqc->nfchpwq", x)  # (N, F, C, h, p, w, q)
+        return x.reshape(n, f, c, g * p, g * p)  # (N, F, C, H, W)
+
+    def _run_block(self, block: nn.Module, x: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, c, mask, use_reentrant=False)
+        return block(x, c, mask)
+
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Predict noise (and variance values) for noisy latents.
+
+        x: (N, F, C, H, W) noisy latents, F <= num_frames; t: (N,) diffusion steps; y: (N,) class labels
+        (class-conditional models only); attention_mask: (N, F) bool, True = real frame (padded frames are
+        ignored as keys by the temporal and spatial attention), or (N, F, T) per token. Returns
+        (N, F, C_out, H, W).
+        """
+        n, f, ch, h, w = x.shape
+        if f > self.num_frames:
+            raise ValueError(f"input has {f} frames but the model's temporal table covers {self.num_frames}")
+        if (h, w) != (self.input_size, self.input_size) or ch != self.in_channels:
+            raise ValueError(
+                f"input latents are {ch}x{h}x{w}; the model expects {self.in_channels}x{self.input_size}²"
+            )
+        tokens = self.x_embedder(x.reshape(n * f, ch, h, w)) + self.pos_embed  # (N*F, T, D)
+        x = tokens.reshape(n, f, tokens.shape[1], tokens.shape[2])  # (N, F, T, D)
+
+        c = self.t_embedder(t)  # (N, D)
+        if self.num_classes:
+            if y is None:
+                raise ValueError("class-conditional Latte needs labels y")
+            c = c + self.y_embedder(y, self.training)
+
+        spatial_mask = temporal_mask = None
+        if attention_mask is not None:
+            token_mask = attention_mask if attention_mask.dim() == 3 else attention_mask[:, :, None]
+            token_mask = token_mask.expand(n, f, x.shape[2])  # (N, F, T)
+            spatial_mask, temporal_mask = token_mask, token_mask.transpose(1, 2)  # (N, F, T), (N, T, F)
+
+        for i in range(0, len(self.blocks), 2):
+            x = self._run_block(self.blocks[i], x, c, spatial_mask)  # attends over T within each frame
+            x = x.transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D): frame sequences per token position
+            if i == 0:
+                x = (
+                    x + self.temp_embed[:, None, :f]
+                )  # (1, 1, F, D), added once before the first temporal block
+            x = self._run_block(self.blocks[i + 1], x, c, temporal_mask)  # attends over F
+            x = x.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
+
+        x = self.final_layer(x, c)  # (N, F, T, p*p*C_out)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(
+        self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Classifier-free guidance on a doubled batch [cond | uncond] (y's second half = the null class).
+
+        As the reference does, guidance mixes only the eps channels; the variance channels pass through.
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)  # (N, F, C, H, W)
+        out = self.forward(combined, t, y, attention_mask=attention_mask)  # (N, F, C_out, H, W)
+        eps, rest = out[:, :, : self.in_channels], out[:, :, self.in_channels :]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=2)
