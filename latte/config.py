@@ -176,6 +176,9 @@ def _apply(cfg: Any, updates: dict[str, Any], root: Config, prefix: str = "") ->
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in names:
+            while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key: 'modle.name'
+                ((sub, value),) = value.items()
+                key = f"{key}.{sub}"
             raise _unknown_key(key, root)
         current = getattr(cfg, name)
         if dataclasses.is_dataclass(current):
@@ -316,6 +319,4 @@ def _check_respacing(key: str, value: str, steps: int) -> None:
     except ValueError:
         raise ConfigError(f"{key} '{value}' must be '', 'N', 'N1,N2,...' or 'ddimN'") from None
     if any(c < 1 for c in counts) or sum(counts) > steps:
-        raise ConfigError(
-            f"{key} '{value}' asks for more steps than diffusion_steps {steps} (or a zero count)"
-        )
+        raise ConfigError(f"{key} '{value}' asks for zero or more than diffusion_steps ({steps}) steps")

@@ -12,6 +12,8 @@ import torch
 
 from latte.models import Latte
 
+CFG_SCALE = 4.0  # the guidance scale of the golden forward_with_cfg outputs
+
 CASES: dict[str, dict] = {
     "class_conditional": dict(
         input_size=8,

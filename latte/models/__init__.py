@@ -6,7 +6,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
-from latte.models.attention import BACKENDS, attention, resolve_backend
+from latte.models.attention import BACKENDS, resolve_backend
 from latte.models.flavors import LATTE_ARCHS, LatteArch
 from latte.models.latte import Latte
 
@@ -14,4 +14,4 @@ LATTE_MODELS: dict[str, Callable[..., Latte]] = {
     name: functools.partial(Latte, **dataclasses.asdict(arch)) for name, arch in LATTE_ARCHS.items()
 }
 
-__all__ = ["BACKENDS", "LATTE_ARCHS", "LATTE_MODELS", "Latte", "LatteArch", "attention", "resolve_backend"]
+__all__ = ["BACKENDS", "LATTE_ARCHS", "LATTE_MODELS", "Latte", "LatteArch", "resolve_backend"]

@@ -52,9 +52,12 @@ def _usable(backend: str, q: Tensor) -> bool:
     head_dim = q.shape[-1]
     if backend == "flash":
         return flash_available() and q.is_cuda and q.dtype in _HALF and head_dim <= 256 and head_dim % 8 == 0
-    if backend == "xformers":
-        return xformers_available() and q.is_cuda
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend == "xformers" and xformers_available() and q.is_cuda
+
+
+def _check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def resolve_backend(requested: str, q: Tensor) -> str:
@@ -63,8 +66,7 @@ def resolve_backend(requested: str, q: Tensor) -> str:
     ``auto`` prefers flash > xformers > sdpa. An explicit GPU backend that cannot run here falls back along
     the same chain (with one warning per pair), so one config serves a GPU cluster and a CPU test machine.
     """
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    _check_backend(requested)
     if requested in ("sdpa", "math"):
         return requested
     chain = {"auto": ("flash", "xformers"), "flash": ("flash", "xformers"), "xformers": ("xformers",)}
@@ -165,15 +167,18 @@ def attention(
     return out
 
 
+def _check_heads_and_backend(dim: int, num_heads: int, backend: str) -> None:
+    if dim % num_heads:
+        raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+    _check_backend(backend)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; parameter names (``qkv``, ``proj``) match the released checkpoints."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto") -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        _check_heads_and_backend(dim, num_heads, backend)
         self.num_heads = num_heads
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -198,8 +203,7 @@ class CrossAttention(nn.Module):
         self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto"
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        _check_heads_and_backend(dim, num_heads, backend)
         self.num_heads = num_heads
         self.backend = backend
         self.q = nn.Linear(dim, dim, bias=qkv_bias)

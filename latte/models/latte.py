@@ -195,6 +195,17 @@ class Latte(nn.Module):
             return checkpoint(block, x, c, mask, use_reentrant=False)
         return block(x, c, mask)
 
+    @staticmethod
+    def _token_mask(attention_mask: Tensor, n: int, f: int, t: int) -> Tensor:
+        """(N, F) frame mask or (N, F, T) token mask -> (N, F, T) bool, True = real."""
+        if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) not in ((n, f), (n, f, t)):
+            raise ValueError(
+                f"attention_mask must be bool of shape (N, F) = {(n, f)} or (N, F, T) = {(n, f, t)}, "
+                f"got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+            )
+        token_mask = attention_mask if attention_mask.dim() == 3 else attention_mask[:, :, None]
+        return token_mask.expand(n, f, t)
+
     def forward(
         self, x: Tensor, t: Tensor, y: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
@@ -223,8 +234,7 @@ class Latte(nn.Module):
 
         spatial_mask = temporal_mask = None
         if attention_mask is not None:
-            token_mask = attention_mask if attention_mask.dim() == 3 else attention_mask[:, :, None]
-            token_mask = token_mask.expand(n, f, x.shape[2])  # (N, F, T)
+            token_mask = self._token_mask(attention_mask, n, f, x.shape[2])  # (N, F, T)
             spatial_mask, temporal_mask = token_mask, token_mask.transpose(1, 2)  # (N, F, T), (N, T, F)
 
         for i in range(0, len(self.blocks), 2):

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: lint (ruff) and tests (pytest), in the project's virtual environment.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+PY="${LATTE_VENV:-$ROOT/.venv}/bin"
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+"$PY/ruff" check .
+"$PY/python" -m pytest "$@"
