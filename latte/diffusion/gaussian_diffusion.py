@@ -427,22 +427,19 @@ class GaussianDiffusion:
         Returns:
             the final samples, a tensor of ``shape`` (no autograd graph).
         """
-        final = None
-        for out in self.p_sample_loop_progressive(
+        steps = self.p_sample_loop_progressive(
             model,
             shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            generator=generator,
-            cond_fn=cond_fn,
-        ):
-            final = out
-        assert final is not None, "diffusion has no timesteps"
-        return final["sample"]
+            noise,
+            clip_denoised,
+            denoised_fn,
+            model_kwargs,
+            device,
+            progress,
+            generator,
+            cond_fn,
+        )
+        return _last_sample(steps)
 
     def _timestep_iter(self, progress: bool) -> Iterator[int]:
         """Timesteps T-1, ..., 0, wrapped in a tqdm bar if asked."""
@@ -453,19 +450,29 @@ class GaussianDiffusion:
             return iter(tqdm(indices))
         return iter(indices)
 
-    def _initial_noise(
+    def _progressive(
         self,
+        step: Callable[..., dict[str, torch.Tensor]],
         model: ModelFn,
         shape: Sequence[int],
         noise: torch.Tensor | None,
         device: torch.device | str | None,
+        progress: bool,
         generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.device]:
-        """Return (x_T, device) for a sampling loop."""
+        cond_fn: ModelFn | None,
+        step_kwargs: dict[str, Any],
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The shared sampling loop: x_T (given or drawn), then ``step`` from t = T-1 down to 0, yielding each
+        step's output dict."""
         assert isinstance(shape, (tuple, list, torch.Size)), "shape must be a tuple or list"
         dev = _infer_device(model, noise, device)
         img = noise if noise is not None else torch.randn(tuple(shape), generator=generator, device=dev)
-        return img, dev
+        for i in self._timestep_iter(progress):
+            t = torch.tensor([i] * shape[0], device=dev)
+            with torch.no_grad():
+                out = step(model, img, t, generator=generator, cond_fn=cond_fn, **step_kwargs)
+            yield out
+            img = out["sample"]
 
     def p_sample_loop_progressive(
         self,
@@ -481,22 +488,10 @@ class GaussianDiffusion:
         cond_fn: ModelFn | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``p_sample_loop`` but yields each step's ``p_sample`` output dict, from t = T-1 down to 0."""
-        img, dev = self._initial_noise(model, shape, noise, device, generator)
-        for i in self._timestep_iter(progress):
-            t = torch.tensor([i] * shape[0], device=dev)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs,
-                    generator=generator,
-                    cond_fn=cond_fn,
-                )
-                yield out
-                img = out["sample"]
+        step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        return self._progressive(
+            self.p_sample, model, shape, noise, device, progress, generator, cond_fn, step_kwargs
+        )
 
     # ------------------------------------------------------------------ DDIM sampling
 
@@ -588,23 +583,20 @@ class GaussianDiffusion:
         Returns:
             the final samples, a tensor of ``shape`` (no autograd graph).
         """
-        final = None
-        for out in self.ddim_sample_loop_progressive(
+        steps = self.ddim_sample_loop_progressive(
             model,
             shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            generator=generator,
-            cond_fn=cond_fn,
-        ):
-            final = out
-        assert final is not None, "diffusion has no timesteps"
-        return final["sample"]
+            noise,
+            clip_denoised,
+            denoised_fn,
+            model_kwargs,
+            device,
+            progress,
+            eta,
+            generator,
+            cond_fn,
+        )
+        return _last_sample(steps)
 
     def ddim_sample_loop_progressive(
         self,
@@ -621,23 +613,12 @@ class GaussianDiffusion:
         cond_fn: ModelFn | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``ddim_sample_loop`` but yields each step's ``ddim_sample`` output dict."""
-        img, dev = self._initial_noise(model, shape, noise, device, generator)
-        for i in self._timestep_iter(progress):
-            t = torch.tensor([i] * shape[0], device=dev)
-            with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    generator=generator,
-                    cond_fn=cond_fn,
-                )
-                yield out
-                img = out["sample"]
+        step_kwargs = dict(
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta
+        )
+        return self._progressive(
+            self.ddim_sample, model, shape, noise, device, progress, generator, cond_fn, step_kwargs
+        )
 
     # ------------------------------------------------------------------ losses
 
@@ -786,3 +767,12 @@ class GaussianDiffusion:
             "xstart_mse": torch.stack(xstart_mse, dim=1),
             "mse": torch.stack(mse, dim=1),
         }
+
+
+def _last_sample(steps: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Run a progressive sampling loop to its end; the final ``sample``."""
+    final = None
+    for final in steps:  # noqa: B007 - only the last step's output is kept
+        pass
+    assert final is not None, "diffusion has no timesteps"
+    return final["sample"]

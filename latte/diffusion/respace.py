@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -94,30 +94,13 @@ class SpacedDiffusion(GaussianDiffusion):
         kwargs["betas"] = np.array(new_betas, dtype=np.float64)
         super().__init__(**kwargs)
 
-    def p_mean_variance(
-        self,
-        model: ModelFn,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    def p_mean_variance(self, model: ModelFn, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``GaussianDiffusion.p_mean_variance`` with the model seeing original timesteps."""
-        return super().p_mean_variance(
-            self._wrap_model(model), x, t, clip_denoised, denoised_fn, model_kwargs
-        )
+        return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
 
-    def training_losses(
-        self,
-        model: ModelFn,
-        x_start: torch.Tensor,
-        t: torch.Tensor,
-        model_kwargs: dict[str, Any] | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def training_losses(self, model: ModelFn, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """``GaussianDiffusion.training_losses`` with the model seeing original timesteps."""
-        return super().training_losses(self._wrap_model(model), x_start, t, model_kwargs, noise)
+        return super().training_losses(self._wrap_model(model), *args, **kwargs)
 
     def condition_mean(self, cond_fn: ModelFn, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``GaussianDiffusion.condition_mean`` with ``cond_fn`` seeing original timesteps."""
