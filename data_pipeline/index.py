@@ -1,0 +1,178 @@
+"""The dataset index: ``index.json`` at a dataset's root, and the per-task parts it is merged from.
+
+Written by the sharding job, read by the loader, training and sampling. It records every shard (url relative
+to the index, sample count, bytes, sha256), the inputs that failed, and the dataset's facts, notably the VAE
+scaling factor already applied to the stored latents: that factor lives here and nowhere else.
+
+    {"format": "latte-latents/1",
+     "facts": {"vae": ..., "scaling_factor": 0.18215, "latent_shape": [F, C, h, w], "num_frames": 16,
+               "frame_interval": 3, "image_size": 256, "classes": [...], "dtype": "float16"},
+     "shards": [{"url": "shard-00000-000000.tar", "samples": 64, "bytes": ..., "sha256": ..., "task": 0}],
+     "num_samples": ..., "failed": [{"input": ..., "error": ...}]}
+
+Each task of a sharding job writes only its own part, ``parts/task-XXXXX.json`` (rewritten atomically after
+every finished shard, so a rerun knows what is done); ``merge_parts`` builds ``index.json`` from all parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_pipeline import storage
+
+FORMAT = "latte-latents/1"
+INDEX_NAME = "index.json"
+PARTS_DIR = "parts"
+
+
+class DatasetIndexError(ValueError):
+    """An index that is missing, unreadable or inconsistent; one line naming its url."""
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    vae: str  # local path or hub id of the AutoencoderKL that encoded the latents
+    scaling_factor: float  # already multiplied into latent mean and std; decode divides by it
+    latent_shape: list[int]  # (F, C, h, w) of one sample's latent.npy
+    num_frames: int
+    frame_interval: int
+    image_size: int
+    classes: list[str] = field(default_factory=list)  # class names by label; [] = unconditional
+    dtype: str = "float16"  # storage dtype of latent.npy / latent_std.npy
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str  # relative to the index's directory (or absolute)
+    samples: int
+    bytes: int
+    sha256: str
+    task: int = 0
+
+
+@dataclass
+class DatasetIndex:
+    facts: DatasetFacts
+    shards: list[ShardInfo] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)  # {"input": ..., "error": ...}
+    format: str = FORMAT
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "facts": dataclasses.asdict(self.facts),
+            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "num_samples": self.num_samples,
+            "failed": list(self.failed),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "<index>") -> DatasetIndex:
+        try:
+            if data.get("format") != FORMAT:
+                raise DatasetIndexError(
+                    f"index '{source}' has format {data.get('format')!r}, expected {FORMAT!r}"
+                )
+            index = cls(
+                facts=DatasetFacts(**data["facts"]),
+                shards=[ShardInfo(**s) for s in data["shards"]],
+                failed=list(data.get("failed", [])),
+            )
+        except (KeyError, TypeError) as exc:
+            raise DatasetIndexError(f"index '{source}' is malformed: {type(exc).__name__}: {exc}") from None
+        if "num_samples" in data and data["num_samples"] != index.num_samples:
+            raise DatasetIndexError(
+                f"index '{source}' says num_samples={data['num_samples']} "
+                f"but its shards hold {index.num_samples}"
+            )
+        return index
+
+    def shard_urls(self, index_url: str) -> list[str]:
+        """Absolute shard urls/paths, resolving relative ones against the index's directory."""
+        base = _dirname(index_url)
+        return [s.url if _is_absolute(s.url) else storage.join(base, s.url) for s in self.shards]
+
+
+def _dirname(url: str) -> str:
+    return posixpath.dirname(url.rstrip("/")) if storage.is_s3(url) else str(Path(url).parent)
+
+
+def _is_absolute(url: str) -> bool:
+    return storage.is_s3(url) or url.startswith("/")
+
+
+def index_url_for(root_or_index: str) -> str:
+    """Accept a dataset root or its index.json url; return the index url."""
+    return root_or_index if root_or_index.endswith(".json") else storage.join(root_or_index, INDEX_NAME)
+
+
+def load_index(url: str) -> DatasetIndex:
+    """Read and check an index (a dataset root or an index.json url)."""
+    url = index_url_for(url)
+    try:
+        raw = storage.read_bytes(url)
+    except storage.StorageError as exc:
+        raise DatasetIndexError(f"cannot read dataset index '{url}': {exc}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise DatasetIndexError(f"dataset index '{url}' is not valid JSON: {exc}") from None
+    return DatasetIndex.from_json(data, url)
+
+
+def save_index(index: DatasetIndex, url: str) -> None:
+    """Write an index (or part) atomically."""
+    storage.write_bytes(index_url_for(url), json.dumps(index.to_json(), indent=1).encode())
+
+
+def part_url(output: str, task: int) -> str:
+    return storage.join(output, PARTS_DIR, f"task-{task:05d}.json")
+
+
+def load_part(output: str, task: int) -> DatasetIndex | None:
+    """A task's part if it exists (a rerun uses it to skip finished shards)."""
+    url = part_url(output, task)
+    return load_index(url) if storage.exists(url) else None
+
+
+def merge_parts(output: str, num_tasks: int | None = None) -> DatasetIndex:
+    """Merge every task's part into ``output/index.json``; facts must agree; shards sorted by url.
+
+    With ``num_tasks``, every task 0..num_tasks-1 must have written its part.
+    """
+    urls = [u for u in storage.list_files(storage.join(output, PARTS_DIR)) if u.endswith(".json")]
+    if not urls:
+        raise DatasetIndexError(
+            f"no task parts under '{storage.join(output, PARTS_DIR)}': has the sharding job run?"
+        )
+    parts = {int(posixpath.basename(u)[len("task-") : -len(".json")]): load_index(u) for u in urls}
+    if num_tasks is not None:
+        missing = sorted(set(range(num_tasks)) - set(parts))
+        if missing:
+            raise DatasetIndexError(
+                f"tasks {missing} of {num_tasks} have not written their parts under '{output}'"
+            )
+    facts = {t: p.facts for t, p in parts.items()}
+    first_task, first = next(iter(sorted(facts.items())))
+    for task, f in facts.items():
+        if f != first:
+            diff = [k for k in dataclasses.asdict(f) if getattr(f, k) != getattr(first, k)]
+            raise DatasetIndexError(
+                f"task {task} disagrees with task {first_task} on {', '.join(diff)} under '{output}'"
+            )
+    merged = DatasetIndex(
+        facts=first,
+        shards=sorted((s for p in parts.values() for s in p.shards), key=lambda s: s.url),
+        failed=[f for _, p in sorted(parts.items()) for f in p.failed],
+    )
+    save_index(merged, output)
+    return merged
