@@ -1,21 +1,29 @@
-"""Train Latte: ``python train.py --config configs/tiny.yaml [--set train.max_steps=100 ...]``.
+"""Train Latte with DeepSpeed ZeRO-2/3.
 
-A thin entry point: parse the config, build model and diffusion, loop, report. The loop holds no noise or
-loss math (``diffusion.training_losses`` does) and syncs with the host only every ``log_every`` steps.
+    deepspeed --num_gpus N train.py --config configs/X.yaml [--set key=value ...]
+    torchrun --nproc_per_node N train.py ...
+    srun python train.py ...            (rank layout from SLURM's variables)
+    python train.py ...                 (one process)
+
+A thin entry point: parse and validate the config (before any process group exists), set up the ranks,
+build model -> engine, loop, report. The loop holds no noise or loss math (``diffusion.training_losses``
+does) and syncs with the host only every ``log_every`` steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from latte.builders import build_diffusion, build_model
-from latte.config import Config, ConfigError, load_config
+from latte.config import Config, ConfigError, load_config, resolved_arch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,13 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override config values, e.g. --set train.lr=2e-4 model.attention=sdpa",
     )
+    # the deepspeed launcher passes --local_rank; the rank layout is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def lr_at(cfg: Config, step: int) -> float:
-    """Linear warmup over ``warmup_steps`` optimizer steps, then constant."""
-    warmup = cfg.train.warmup_steps
-    return cfg.train.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else cfg.train.lr
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -73,74 +77,132 @@ def batches_for(cfg: Config):
     )
 
 
-def train(cfg: Config) -> list[float]:
-    """Run the loop; returns the mean loss of every logging interval."""
-    torch.manual_seed(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.train.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    model = build_model(cfg).to(device).train()
-    diffusion = build_diffusion(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay
-    )
-    scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16")
-    batches = batches_for(cfg)
-    run_dir = make_run_dir(cfg)
-    n_params = sum(p.numel() for p in params)
-    size = f"{n_params / 1e6:.2f}M params"
-    print(f"run dir {run_dir} | {cfg.model.name} {size} | {device} {cfg.train.precision}", flush=True)
 
-    accum = cfg.train.gradient_accumulation_steps
-    interval_loss = torch.zeros((), device=device)
+
+def step_noise(cfg: Config, step: int, shape: tuple[int, ...], num_timesteps: int, device: torch.device):
+    """Timesteps (G,) and noise (G, F, C, h, w) of optimizer step ``step``'s whole global batch.
+
+    Drawn from a generator seeded by (seed, step) and sliced per rank and micro-batch like the data, so any
+    layout of the same global batch trains on identical (x, t, noise) and a resumed run needs no RNG state.
+    """
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
+    t = torch.randint(0, num_timesteps, shape[:1], generator=generator, device=device)
+    return t, torch.randn(shape, generator=generator, device=device)
+
+
+def train(cfg: Config, world) -> list[float]:
+    """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval."""
+    from latte.engine import build_engine, set_grad_clip
+    from latte.metrics import MetricsLogger, flops_per_sample, peak_flops
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg)
+    diffusion = build_diffusion(cfg)
+    engine = build_engine(cfg, model, world)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+
+    def model_fn(x_t, t, **kwargs):  # diffusion math in fp32, the network in the engine's precision
+        return engine(x_t.to(compute_dtype), t, **kwargs).float()
+
+    run_dir = make_run_dir(cfg) if world.is_main else None
+    logger = MetricsLogger(run_dir, world.is_main)
+    t_cfg, d_cfg = cfg.train, cfg.data
+    micro, accum, ws = t_cfg.micro_batch_size, t_cfg.gradient_accumulation_steps, world.world_size
+    global_batch = micro * accum * ws
+    latent_shape = (d_cfg.num_frames, cfg.model.in_channels, d_cfg.latent_size, d_cfg.latent_size)
+    flops = flops_per_sample(resolved_arch(cfg), d_cfg.num_frames, d_cfg.latent_size, cfg.model.in_channels,
+                             cfg.model.learn_sigma)  # fmt: skip
+    peak, device_name = peak_flops(world.device, t_cfg.precision)
+    tokens_per_sample = d_cfg.num_frames * (d_cfg.latent_size // resolved_arch(cfg).patch_size) ** 2
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if world.is_main:
+        peak_text = f"{peak:.3g} FLOP/s" if peak else "n/a"
+        print(
+            f"run dir {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | {ws} x {device_name} | "
+            f"{t_cfg.precision} | ZeRO {t_cfg.zero_stage} | global batch {global_batch} = {micro} micro x "
+            f"{accum} accumulation x {ws} ranks | peak {peak_text}",
+            flush=True,
+        )
+
+    batches = batches_for(cfg)
+    interval_loss = torch.zeros((), device=world.device)
     history: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(cfg.train.max_steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        for _ in range(accum):  # exactly `accum` micro-batches per optimizer step
+    data_wait, t0 = 0.0, time.perf_counter()
+    for step in range(t_cfg.max_steps):
+        set_grad_clip(engine, t_cfg.clip_max_norm if step >= t_cfg.clip_start_step else 0.0)
+        t_all, noise_all = step_noise(cfg, step, (global_batch, *latent_shape), diffusion.num_timesteps,
+                                      world.device)  # fmt: skip
+        for a in range(accum):  # engine.step() steps the optimizer exactly at every accum-th micro-batch
+            wait = time.perf_counter()
             batch = next(batches)
-            x = batch["latent"].to(device)  # (B, F, C, h, w)
-            kwargs = {"y": batch["y"].to(device)} if "y" in batch else {}
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = diffusion.training_losses(model, x, t, kwargs)["loss"].mean()
-            scaler.scale(loss / accum).backward()
+            data_wait += time.perf_counter() - wait
+            part = slice((a * ws + world.rank) * micro, (a * ws + world.rank + 1) * micro)
+            x = batch["latent"].to(world.device, torch.float32, non_blocking=True)  # (B, F, C, h, w)
+            kwargs = {"y": batch["y"].to(world.device)} if "y" in batch else {}
+            losses = diffusion.training_losses(model_fn, x, t_all[part], kwargs, noise=noise_all[part])
+            loss = losses["loss"].mean()
+            engine.backward(loss)
+            engine.step()
             interval_loss += loss.detach() / accum
-        scaler.unscale_(opt)
-        clip = cfg.train.clip_max_norm if step >= cfg.train.clip_start_step else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-            steps_in_interval = (step % cfg.train.log_every) + 1
-            mean_loss = interval_loss.item() / steps_in_interval  # the one host sync per interval
+        if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.max_steps:
+            steps = step % t_cfg.log_every + 1
+            torch.distributed.all_reduce(interval_loss)  # the one collective + host sync per interval
+            mean_loss = interval_loss.item() / (steps * ws)
             history.append(mean_loss)
             elapsed = time.perf_counter() - t0
-            samples = steps_in_interval * accum * cfg.train.micro_batch_size
-            print(
-                f"step {step + 1:>7d} | loss {mean_loss:.4f} | grad norm {grad_norm.item():.3f} | "
-                f"lr {lr_at(cfg, step):.2e} | {samples / elapsed:.1f} samples/s",
-                flush=True,
-            )
+            samples_per_s = steps * global_batch / elapsed
+            tflops = flops.training * samples_per_s / ws  # per device
+            grad_norm = engine.get_global_grad_norm()
+            logger.log(step + 1, {
+                "train/loss": mean_loss,
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "train/lr": engine.get_lr()[0],
+                "perf/samples_per_s": samples_per_s,
+                "perf/tokens_per_s": samples_per_s * tokens_per_sample,
+                "perf/tflops_per_device": tflops / 1e12,
+                "perf/mfu": tflops / peak if peak else None,
+                "perf/data_wait": data_wait / elapsed,
+                "perf/peak_mem_gb": _peak_memory_gb(world.device),
+            })  # fmt: skip
             interval_loss.zero_()
-            t0 = time.perf_counter()
+            data_wait, t0 = 0.0, time.perf_counter()
+    logger.close()
     return history
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (host RSS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
-        history = train(cfg)
+        cfg = load_config(args.config, args.set)  # every config mistake surfaces here, before any rendezvous
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(history) >= 2:
-        print(f"loss {history[0]:.4f} (first interval) -> {history[-1]:.4f} (last interval)")
+    from latte.engine import setup_distributed
+
+    world = setup_distributed()
+    try:
+        history = train(cfg, world)
+    except ConfigError as e:  # found while building (e.g. the DeepSpeed JSON): the same on every rank
+        if world.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        torch.distributed.destroy_process_group()
+        return 2
+    except BaseException:
+        # One failing rank must end the job, not leave the others waiting in a collective: print this rank's
+        # traceback and exit at once; the launcher (deepspeed, torchrun, srun) then stops the other ranks.
+        print(f"[rank {world.rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        os._exit(1)
+    if world.is_main and len(history) >= 2:
+        print(f"loss {history[0]:.4f} (first interval) -> {history[-1]:.4f} (last interval)", flush=True)
+    torch.distributed.destroy_process_group()
     return 0
 
 

@@ -37,9 +37,28 @@ def synthetic_clip_batch(
 
 
 def synthetic_batches(
-    seed: int, batch_size: int, num_classes: int, num_frames: int, channels: int, size: int
+    seed: int,
+    batch_size: int,
+    num_classes: int,
+    num_frames: int,
+    channels: int,
+    size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    accumulation: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless, seeded stream of synthetic batches (labels only when ``num_classes`` > 0)."""
-    generator = torch.Generator().manual_seed(seed)
+    """An endless, seeded stream of micro-batches of ``batch_size`` for one data-parallel rank.
+
+    Step s draws one global batch of batch_size x accumulation x world_size clips from a generator seeded by
+    (seed, s); micro-batch a of rank r is its slice (a * world_size + r). Every layout of the same global
+    batch (ranks x micro-batch x accumulation) therefore sees the same clips in each optimizer step.
+    """
+    global_size = batch_size * accumulation * world_size
+    step = 0
     while True:
-        yield synthetic_clip_batch(generator, batch_size, num_classes, num_frames, channels, size)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        batch = synthetic_clip_batch(generator, global_size, num_classes, num_frames, channels, size)
+        for a in range(accumulation):
+            start = (a * world_size + rank) * batch_size
+            yield {k: v[start : start + batch_size] for k, v in batch.items()}
+        step += 1

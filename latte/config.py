@@ -80,6 +80,8 @@ class TrainConfig:
     clip_start_step: int = 100_000  # no clipping before this step (the reference's start_clip_iter)
     ema_decay: float = 0.9999  # EMA of the weights; the EMA starts as a copy of the initial weights
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling, GPU only)
+    zero_stage: str = "2"  # DeepSpeed ZeRO: "2", "3", "3_offload" (ds_configs/*.json) or a path to a JSON
+    global_batch_size: int | None = None  # optional check: must equal micro x accumulation x data-parallel
     log_every: int = 50  # steps between metric reductions/prints (no per-step host sync)
     ckpt_every: int = 10_000  # steps between checkpoints
     results_dir: str = "./results"  # one run directory per job is created under it

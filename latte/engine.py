@@ -1,0 +1,232 @@
+"""The one place that builds the DeepSpeed engine, and the distributed set-up it needs.
+
+* ``setup_distributed()`` finds the rank layout from torchrun/deepspeed variables or, failing those, from
+  SLURM's (``srun``), picks the accelerator (CUDA + NCCL, else CPU + gloo) and initialises the process group.
+* ``deepspeed_config(cfg, world)`` loads the user-tunable JSON from ``ds_configs/`` and fills in what our
+  config owns (batch sizes, accumulation, precision, clipping), asserting global = micro x accum x dp.
+* ``build_engine(cfg, model, world)`` wraps the model: activation checkpointing -> ``deepspeed.initialize``.
+
+Nothing else in the project calls DeepSpeed's API, except the checkpoint manager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latte.config import Config, ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+ZERO_PRESETS = {"2": "zero2.json", "3": "zero3.json", "3_offload": "zero3_offload.json"}
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendezvous: torchrun / deepspeed launcher variables, else SLURM's
+# ----------------------------------------------------------------------------------------------------------
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist: "gpu[03-05,09],cpu1" -> "gpu03" (scontrol when available)."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if first is None:
+        raise ConfigError(f"cannot parse SLURM_JOB_NODELIST '{nodelist}'")
+    prefix, _, ranges = first.groups()
+    if not ranges:
+        return prefix
+    start = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{start}"
+
+
+def rendezvous_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, derived from SLURM's variables when the launcher
+    did not set them (``srun python train.py``). Returns only the variables to add."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "localhost")),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job_id % 20000),
+    }
+
+
+def _disable_cpu_shm_build() -> None:
+    """DeepSpeed compiles a shared-memory op for CPU inference all-reduce on init (25-50 s per fresh
+    machine); training never uses it."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
+def setup_distributed() -> World:
+    """Initialise the process group (single process: a world of one) and return this rank's place in it."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`
+    os.environ.update(rendezvous_env())
+    if "RANK" not in os.environ:  # plain `python train.py`: a world of one, no launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        _disable_cpu_shm_build()
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSpeed JSON: user-tunable communication settings + what our config owns
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ds_config_path(zero_stage: str) -> Path:
+    """``train.zero_stage`` ("2", "3", "3_offload", or a JSON path) -> the JSON file."""
+    if zero_stage in ZERO_PRESETS:
+        return DS_CONFIG_DIR / ZERO_PRESETS[zero_stage]
+    path = Path(zero_stage)
+    if path.suffix != ".json":
+        raise ConfigError(
+            f"train.zero_stage '{zero_stage}' is not one of {', '.join(ZERO_PRESETS)} nor a .json path"
+        )
+    return path
+
+
+_OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "fp16",
+    "bf16",
+    "optimizer",
+    "scheduler",
+)
+
+
+def deepspeed_config(cfg: Config, world_size: int, fp16_supported: bool = True) -> dict[str, Any]:
+    """The DeepSpeed config dict: the chosen JSON, plus batch/accumulation/precision/clipping from ``cfg``.
+
+    The JSON must not set what our config owns (one value, one place): such keys are an error.
+    """
+    path = ds_config_path(cfg.train.zero_stage)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config '{path}' does not exist") from None
+    except ValueError as exc:
+        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
+    typed_twice = [k for k in _OWNED_KEYS if k in ds]
+    if typed_twice:
+        raise ConfigError(
+            f"DeepSpeed config '{path}' sets {', '.join(typed_twice)}: these come from the training config"
+        )
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed config '{path}': zero_optimization.stage must be 0-3, got {stage!r}")
+    t = cfg.train
+    micro, accum = t.micro_batch_size, t.gradient_accumulation_steps
+    global_batch = micro * accum * world_size
+    if t.global_batch_size is not None and t.global_batch_size != global_batch:
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} != micro_batch_size {micro} x "
+            f"gradient_accumulation_steps {accum} x data-parallel size {world_size} = {global_batch}"
+        )
+    if t.precision == "fp16" and not fp16_supported:
+        raise ConfigError("train.precision fp16 is not supported on this device; use bf16 or fp32")
+    ds.update(
+        train_batch_size=global_batch,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accum,
+        gradient_clipping=t.clip_max_norm,  # switched off before clip_start_step by `set_grad_clip`
+        bf16={"enabled": t.precision == "bf16"},
+        fp16={"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    )
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves, at log_every
+    ds.setdefault("wall_clock_breakdown", False)
+    ds["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW also serves CPU offload (no cpu_adam build)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(cfg: Config, step: int) -> float:
+    """Linear warmup over ``warmup_steps`` optimizer steps, then constant (x train.lr)."""
+    warmup = cfg.train.warmup_steps
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world: World):
+    """model -> activation checkpointing -> ``deepspeed.initialize`` with AdamW and the warmup schedule.
+
+    The optimizer is torch's AdamW (no JIT-compiled fused op), the LR schedule a LambdaLR stepped by the
+    engine at accumulation boundaries; both are saved in DeepSpeed checkpoints.
+    """
+    import deepspeed
+
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    ds_config = deepspeed_config(cfg, world.world_size, _fp16_supported())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(cfg, step))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    return engine
+
+
+def set_grad_clip(engine, max_norm: float) -> None:
+    """Change the clipping norm between steps (0 = off): the reference clips only from clip_start_step."""
+    engine._config.gradient_clipping = max_norm
+    if hasattr(engine.optimizer, "clip_grad"):  # ZeRO optimizers read their own copy
+        engine.optimizer.clip_grad = max_norm
+
+
+def _fp16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
