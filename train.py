@@ -59,7 +59,8 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def batches_for(cfg: Config):
+def batches_for(cfg: Config, world):
+    """This rank's stream of micro-batches ``{"latent": (B, F, C, h, w), "y": (B,)}``."""
     if cfg.data.index:
         raise ConfigError(
             f"data.index '{cfg.data.index}': streaming latent shards are not supported by this version; "
@@ -74,10 +75,10 @@ def batches_for(cfg: Config):
         cfg.data.num_frames,
         cfg.model.in_channels,
         cfg.data.latent_size,
+        rank=world.rank,
+        world_size=world.world_size,
+        accumulation=cfg.train.gradient_accumulation_steps,
     )
-
-
-
 
 def step_noise(cfg: Config, step: int, shape: tuple[int, ...], num_timesteps: int, device: torch.device):
     """Timesteps (G,) and noise (G, F, C, h, w) of optimizer step ``step``'s whole global batch.
@@ -90,8 +91,9 @@ def step_noise(cfg: Config, step: int, shape: tuple[int, ...], num_timesteps: in
     return t, torch.randn(shape, generator=generator, device=device)
 
 
-def train(cfg: Config, world) -> list[float]:
-    """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval."""
+def train(cfg: Config, world) -> tuple[list[float], object]:
+    """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval and the
+    DeepSpeed engine."""
     from latte.engine import build_engine, set_grad_clip
     from latte.metrics import MetricsLogger, flops_per_sample, peak_flops
 
@@ -124,7 +126,7 @@ def train(cfg: Config, world) -> list[float]:
             flush=True,
         )
 
-    batches = batches_for(cfg)
+    batches = batches_for(cfg, world)
     interval_loss = torch.zeros((), device=world.device)
     history: list[float] = []
     data_wait, t0 = 0.0, time.perf_counter()
@@ -167,7 +169,7 @@ def train(cfg: Config, world) -> list[float]:
             interval_loss.zero_()
             data_wait, t0 = 0.0, time.perf_counter()
     logger.close()
-    return history
+    return history, engine
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -183,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)  # every config mistake surfaces here, before any rendezvous
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # one line per job
+            print(f"error: {e}", file=sys.stderr)
         return 2
     from latte.engine import setup_distributed
 
     world = setup_distributed()
     try:
-        history = train(cfg, world)
+        history, _ = train(cfg, world)
     except ConfigError as e:  # found while building (e.g. the DeepSpeed JSON): the same on every rank
         if world.is_main:
             print(f"error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ import yaml
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
+ZERO_STAGES = ("2", "3", "3_offload")  # presets in ds_configs/ (latte.engine.ZERO_PRESETS)
 
 
 class ConfigError(ValueError):
@@ -261,6 +262,17 @@ def validate(cfg: Config) -> None:
     arch = resolved_arch(cfg)
     _choice("model.attention", cfg.model.attention, BACKENDS)
     _choice("train.precision", cfg.train.precision, PRECISIONS)
+    zero = cfg.train.zero_stage
+    if zero not in ZERO_STAGES and not zero.endswith(".json"):
+        raise ConfigError(
+            f"train.zero_stage '{zero}' is not one of {', '.join(ZERO_STAGES)} nor a .json path"
+        )
+    gbs, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if gbs is not None and gbs % (micro * cfg.train.gradient_accumulation_steps):
+        raise ConfigError(
+            f"train.global_batch_size {gbs} is not divisible by micro_batch_size {micro} x "
+            f"gradient_accumulation_steps {cfg.train.gradient_accumulation_steps}"
+        )
     _choice("diffusion.noise_schedule", cfg.diffusion.noise_schedule, NOISE_SCHEDULES)
     _positive(
         cfg,

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from latte.config import Config, ConfigError
+from latte.config import ZERO_STAGES, Config, ConfigError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-ZERO_PRESETS = {"2": "zero2.json", "3": "zero3.json", "3_offload": "zero3_offload.json"}
+ZERO_PRESETS = dict(zip(ZERO_STAGES, ("zero2.json", "zero3.json", "zero3_offload.json"), strict=True))
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,14 @@ def rendezvous_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _disable_cpu_shm_build() -> None:
     """DeepSpeed compiles a shared-memory op for CPU inference all-reduce on init (25-50 s per fresh
     machine); training never uses it."""
@@ -100,7 +108,7 @@ def setup_distributed() -> World:
     os.environ.update(rendezvous_env())
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one, no launcher
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 10000))
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -120,15 +128,8 @@ def setup_distributed() -> World:
 
 
 def ds_config_path(zero_stage: str) -> Path:
-    """``train.zero_stage`` ("2", "3", "3_offload", or a JSON path) -> the JSON file."""
-    if zero_stage in ZERO_PRESETS:
-        return DS_CONFIG_DIR / ZERO_PRESETS[zero_stage]
-    path = Path(zero_stage)
-    if path.suffix != ".json":
-        raise ConfigError(
-            f"train.zero_stage '{zero_stage}' is not one of {', '.join(ZERO_PRESETS)} nor a .json path"
-        )
-    return path
+    """``train.zero_stage`` ("2", "3", "3_offload" or a JSON path, checked by the config) -> the file."""
+    return DS_CONFIG_DIR / ZERO_PRESETS[zero_stage] if zero_stage in ZERO_PRESETS else Path(zero_stage)
 
 
 _OWNED_KEYS = (

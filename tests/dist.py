@@ -1,0 +1,37 @@
+"""Run a function on N CPU ranks (gloo) inside a test: torch.multiprocessing spawn + env rendezvous."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+    )  # fmt: skip
+    torch.set_num_threads(1)  # two ranks on two cores
+    result = fn(*args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_ranks(fn: Callable, world_size: int, args: tuple, out_dir: Path) -> list[Any]:
+    """``fn(*args)`` on every rank (each in a fresh process); returns the ranks' results in rank order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(
+        _rank_entry, args=(world_size, free_port(), fn, args, str(out_dir)), nprocs=world_size, join=True
+    )
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
