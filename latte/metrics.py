@@ -68,15 +68,20 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
+def peak_for_name(name: str, precision: str) -> float | None:
+    """Table lookup by device name (first matching substring); None when unknown."""
+    for key, peaks in PEAK_FLOPS:
+        if key in name:
+            return peaks.get(precision)
+    return None
+
+
 def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
     """(peak FLOP/s, device name) for MFU; None when the device is not in the table (e.g. CPU)."""
     if device.type != "cuda":
         return None, "cpu"
     name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_FLOPS:
-        if key in name:
-            return peaks.get(precision), name
-    return None, name
+    return peak_for_name(name, precision), name
 
 
 class MetricsLogger:

@@ -1,0 +1,46 @@
+"""FLOPs per sample against torch's own FLOP counter, the peak table, and MFU arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from latte.metrics import flops_per_sample, peak_flops, peak_for_name
+from latte.models import LATTE_ARCHS, Latte
+from latte.models.flavors import LatteArch
+
+
+@pytest.mark.parametrize(
+    "arch, frames, latent",
+    [
+        (LATTE_ARCHS["Latte-T/2"], 4, 8),
+        (LatteArch(depth=4, hidden_size=48, num_heads=3, patch_size=4), 3, 16),
+    ],
+)
+def test_flops_match_torch_flop_counter(arch, frames, latent):
+    """Counted from shapes == what torch counts when it runs the model (math attention: plain matmuls)."""
+    model = Latte(
+        input_size=latent, num_frames=frames, num_classes=5, attention="math", **arch.__dict__
+    ).eval()
+    x = torch.randn(2, frames, 4, latent, latent)
+    t, y = torch.tensor([3, 500]), torch.tensor([1, 2])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, y)
+    ours = flops_per_sample(arch, frames, latent, in_channels=4, learn_sigma=True)
+    assert ours.forward * 2 == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert ours.training == 3 * ours.forward
+
+
+def test_latte_xl2_is_about_11_tflop_per_training_sample():
+    b = flops_per_sample(LATTE_ARCHS["Latte-XL/2"], 16, 32)
+    assert 11.0e12 < b.training < 11.7e12
+    assert 0.01 < b.adaln / b.forward < 0.02  # the per-sequence adaLN the released model computes
+
+
+def test_peak_table():
+    assert peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_for_name("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_for_name("Some Future GPU", "bf16") is None
+    assert peak_flops(torch.device("cpu"), "fp32") == (None, "cpu")
