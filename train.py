@@ -61,11 +61,20 @@ def make_run_dir(cfg: Config) -> Path:
 
 def batches_for(cfg: Config, world):
     """This rank's stream of micro-batches ``{"latent": (B, F, C, h, w), "y": (B,)}``."""
-    if cfg.data.index:
-        raise ConfigError(
-            f"data.index '{cfg.data.index}': streaming latent shards are not supported by this version; "
-            "leave data.index empty to train on synthetic latents"
-        )
+    if cfg.data.index:  # stream the dataset's shards; the index must fit the model this config builds
+        from data_pipeline.loader import Expected, LatentLoader, LoaderError
+
+        size = cfg.data.latent_size
+        expected = Expected((cfg.data.num_frames, cfg.model.in_channels, size, size), cfg.data.scaling_factor,
+                            cfg.model.num_classes)  # fmt: skip
+        try:
+            loader = LatentLoader(cfg.data.index, cfg.train.micro_batch_size, rank=world.rank,
+                                  world_size=world.world_size, seed=cfg.train.seed,
+                                  num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                                  infinite=True, expected=expected)  # fmt: skip
+        except (ValueError, LoaderError) as exc:  # unreadable index, missing shard, index vs config
+            raise ConfigError(str(exc)) from None
+        return iter(loader)
     from data_pipeline.synthetic import synthetic_batches
 
     return synthetic_batches(
@@ -91,16 +100,20 @@ def step_noise(cfg: Config, step: int, shape: tuple[int, ...], num_timesteps: in
     return t, torch.randn(shape, generator=generator, device=device)
 
 
-def train(cfg: Config, world) -> tuple[list[float], object]:
-    """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval and the
-    DeepSpeed engine."""
+def train(cfg: Config, world) -> tuple[list[float], object, object]:
+    """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval, the
+    DeepSpeed engine and the sharded EMA."""
+    from latte.ema import ShardedEMA
     from latte.engine import build_engine, set_grad_clip
     from latte.metrics import MetricsLogger, flops_per_sample, peak_flops
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg)
     diffusion = build_diffusion(cfg)
+    frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}  # fp32 sin-cos tables
+    frozen = {name: p.detach().clone() for name, p in frozen.items()}
     engine = build_engine(cfg, model, world)
+    ema = ShardedEMA(engine, cfg.train.ema_decay, frozen)  # starts as a copy of the synced initial weights
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
     def model_fn(x_t, t, **kwargs):  # diffusion math in fp32, the network in the engine's precision
@@ -145,6 +158,8 @@ def train(cfg: Config, world) -> tuple[list[float], object]:
             loss = losses["loss"].mean()
             engine.backward(loss)
             engine.step()
+            if engine.was_step_applied():  # an optimizer step happened (not a micro-batch, not an fp16 skip)
+                ema.update()
             interval_loss += loss.detach() / accum
         if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.max_steps:
             steps = step % t_cfg.log_every + 1
@@ -169,7 +184,7 @@ def train(cfg: Config, world) -> tuple[list[float], object]:
             interval_loss.zero_()
             data_wait, t0 = 0.0, time.perf_counter()
     logger.close()
-    return history, engine
+    return history, engine, ema
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     world = setup_distributed()
     try:
-        history, _ = train(cfg, world)
+        history, _, _ = train(cfg, world)
     except ConfigError as e:  # found while building (e.g. the DeepSpeed JSON): the same on every rank
         if world.is_main:
             print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ def train_and_collect(overrides: list[str]) -> dict:
 
     cfg = load_config(TINY, overrides)
     world = setup_distributed()
-    history, engine = train_script.train(cfg, world)
+    history, engine, _ = train_script.train(cfg, world)
     params = list(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
         weights = {name: p.detach().float().clone() for name, p in params}

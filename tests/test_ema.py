@@ -1,0 +1,99 @@
+"""The sharded EMA on 2 CPU ranks under ZeRO-2 and ZeRO-3, fp32 and bf16: each rank holds only its shard,
+and the consolidated EMA equals a full-model EMA of the same run (computed from gathered fp32 masters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dist import run_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+DECAY = 0.9
+
+
+def ema_run(zero: str, precision: str, steps: int) -> dict:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from latte.builders import build_diffusion, build_model
+    from latte.config import load_config
+    from latte.ema import ShardedEMA
+    from latte.engine import build_engine, setup_distributed
+
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"train.zero_stage={zero}", f"train.precision={precision}",
+                                                    "train.micro_batch_size=2"])  # fmt: skip
+    world = setup_distributed()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    diffusion = build_diffusion(cfg)
+    frozen = {n: p for n, p in initial.items() if not dict(model.named_parameters())[n].requires_grad}
+    engine = build_engine(cfg, model, world)
+    ema = ShardedEMA(engine, DECAY, frozen)
+    at_start = ema.consolidate()
+
+    def full_masters() -> dict[str, torch.Tensor]:  # a collective per call: only this test does it
+        params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        return {n: safe_get_full_fp32_param(p).float().cpu().clone() for n, p in params}
+
+    reference = full_masters()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(100 + world.rank)
+    for _ in range(steps):
+        x = torch.randn(2, 4, 4, 8, 8, generator=g)
+        y, t = torch.randint(0, 4, (2,), generator=g), torch.randint(0, 1000, (2,), generator=g)
+        loss = diffusion.training_losses(
+            lambda a, b, **k: engine(a.to(dtype), b, **k).float(), x, t, {"y": y}
+        )
+        engine.backward(loss["loss"].mean())
+        engine.step()
+        assert engine.was_step_applied()
+        ema.update()
+        for name, value in full_masters().items():  # DiT's update, on full tensors
+            reference[name].mul_(DECAY).add_(value, alpha=1 - DECAY)
+    final = ema.consolidate()
+    full_bytes = 4 * sum(initial[n].numel() for n, p in engine.module.named_parameters() if p.requires_grad)
+    result = {"local_bytes": ema.local_bytes(), "full_bytes": full_bytes}
+    if world.rank == 0:
+        result.update(initial=initial, at_start=at_start, final=final, reference=reference,
+                      keys=list(engine.module.state_dict()))  # fmt: skip
+    torch.distributed.destroy_process_group()
+    return result
+
+
+@pytest.mark.parametrize("zero, precision", [("2", "fp32"), ("3", "fp32"), ("2", "bf16"), ("3", "bf16")])
+def test_sharded_ema_equals_full_ema(tmp_path, zero, precision):
+    results = run_ranks(ema_run, 2, (zero, precision, 3), tmp_path)
+    r0 = results[0]
+    assert list(r0["final"]) == r0["keys"]  # the model's own key names, fixed tables included
+    for name, value in r0["initial"].items():  # decay 0 at the start: a copy of the initial weights
+        if precision == "bf16" and name not in ("pos_embed", "temp_embed"):
+            value = value.to(torch.bfloat16)  # DeepSpeed's fp32 masters start from the bf16-cast weights
+        assert torch.equal(r0["at_start"][name], value.float()), name
+    for name, value in r0["reference"].items():
+        assert torch.equal(r0["final"][name], value), name
+    assert torch.equal(r0["final"]["pos_embed"], r0["initial"]["pos_embed"])  # frozen sin-cos: copied
+    moved = r0["final"]["final_layer.linear.weight"].abs().sum()
+    assert moved > 0, "the EMA should have followed the trained (zero-initialised) output layer"
+    for r in results:  # each rank holds about half: its shard (+ padding), never the full model
+        assert 0.45 * r["full_bytes"] <= r["local_bytes"] <= 0.55 * r["full_bytes"], r["local_bytes"]
+
+
+def test_unsharded_module_ema():
+    from latte.ema import ShardedEMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = ShardedEMA(model, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    for name, value in ema.consolidate().items():
+        torch.testing.assert_close(value, before[name] + 0.5)
+    state = ema.state_dict()
+    other = ShardedEMA(model, 0.5)
+    other.load_state_dict(state)
+    for (name, a), b in zip(other.consolidate().items(), ema.consolidate().values(), strict=True):
+        assert torch.equal(a, b), name
