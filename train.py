@@ -89,6 +89,7 @@ def batches_for(cfg: Config, world):
         accumulation=cfg.train.gradient_accumulation_steps,
     )
 
+
 def step_noise(cfg: Config, step: int, shape: tuple[int, ...], num_timesteps: int, device: torch.device):
     """Timesteps (G,) and noise (G, F, C, h, w) of optimizer step ``step``'s whole global batch.
 
@@ -107,6 +108,7 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
     from latte.engine import build_engine, set_grad_clip
     from latte.metrics import MetricsLogger, flops_per_sample, peak_flops
 
+    batches = batches_for(cfg, world)  # first: a dataset that does not fit the config fails before any build
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg)
     diffusion = build_diffusion(cfg)
@@ -139,7 +141,6 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
             flush=True,
         )
 
-    batches = batches_for(cfg, world)
     interval_loss = torch.zeros((), device=world.device)
     history: list[float] = []
     data_wait, t0 = 0.0, time.perf_counter()

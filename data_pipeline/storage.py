@@ -24,7 +24,21 @@ _CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "
 
 
 class StorageError(RuntimeError):
-    """A storage location that cannot be used; the message is one line naming it (never credentials)."""
+    """A storage location that cannot be used; the message is one line naming it (never credentials).
+
+    ``transient``: retrying may cure it (an unreachable, slow, throttling or failing server), as opposed to a
+    missing object or bucket, denied access or a bad request."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# S3 error codes that no retry cures.
+PERMANENT_S3_CODES = frozenset(
+    {"404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+     "Forbidden", "400", "InvalidRange", "416"}
+)  # fmt: skip
 
 
 def is_s3(url: str) -> bool:
@@ -63,26 +77,32 @@ def s3_client(max_attempts: int = 8):
     return clients[key]
 
 
-def _s3_error(url: str, exc: Exception) -> StorageError:
-    """Turn a boto3/botocore failure into one line that names the location and the cause."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+def _s3_error(url: str, exc: Exception, is_object: bool = False) -> StorageError:
+    """Turn a boto3/botocore failure into one line that names the location and the cause.
+
+    ``is_object``: the request named an object (HEAD/GET), so a bare 404 means the object, not the bucket."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
     if isinstance(exc, EndpointConnectionError):
-        return StorageError(f"cannot reach the S3 endpoint {endpoint} for '{url}'")
+        return StorageError(f"cannot reach the S3 endpoint {endpoint} for '{url}'", transient=True)
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"no S3 credentials for '{url}' (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         bucket = split_s3(url)[0]
+        if code == "NoSuchKey" or (code == "404" and is_object):
+            return StorageError(f"S3 object '{url}' does not exist")
         if code in ("404", "NoSuchBucket"):
             return StorageError(f"S3 bucket '{bucket}' does not exist (endpoint {endpoint}) for '{url}'")
-        if code in ("NoSuchKey",):
-            return StorageError(f"S3 object '{url}' does not exist")
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
             return StorageError(f"S3 access to '{url}' denied ({code}): check the credentials")
-        return StorageError(f"S3 error {code or type(exc).__name__} for '{url}'")
-    return StorageError(f"S3 failure for '{url}': {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return StorageError(
+            f"S3 error {code or type(exc).__name__} for '{url}'", code not in PERMANENT_S3_CODES
+        )
+    transient = isinstance(exc, (BotoCoreError, OSError))  # connection resets, timeouts, truncated bodies
+    message = f"S3 failure for '{url}': {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return StorageError(message, transient)
 
 
 def check_writable(url: str) -> None:
@@ -110,7 +130,7 @@ def check_readable(url: str) -> None:
         try:
             s3_client().head_object(Bucket=bucket, Key=key)
         except Exception as exc:
-            raise _s3_error(url, exc) from None
+            raise _s3_error(url, exc, is_object=True) from None
     elif not Path(url).is_file():
         raise StorageError(f"'{url}' does not exist or is not a file")
 
@@ -155,7 +175,7 @@ def read_bytes(url: str) -> bytes:
         try:
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:
-            raise _s3_error(url, exc) from None
+            raise _s3_error(url, exc, is_object=True) from None
     try:
         return Path(url).read_bytes()
     except OSError as exc:
@@ -170,7 +190,7 @@ def open_read(url: str, offset: int = 0) -> BinaryIO:
         try:
             return s3_client().get_object(Bucket=bucket, Key=key, **kwargs)["Body"]
         except Exception as exc:
-            raise _s3_error(url, exc) from None
+            raise _s3_error(url, exc, is_object=True) from None
     try:
         f = open(url, "rb")  # noqa: SIM115 - the caller owns and closes the stream
     except OSError as exc:

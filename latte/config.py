@@ -53,6 +53,8 @@ class DataConfig:
     frame_interval: int = 3  # stride between sampled frames (used by the sharding job)
     vae_downsample: int = 8  # spatial factor of the VAE (8 for the SD VAE)
     num_workers: int = 8  # loader worker processes per rank
+    shuffle_buffer: int = 256  # samples per loader worker's shuffle window (a worker holds up to two windows)
+    scaling_factor: float | None = None  # VAE scaling factor data.index must have; None = take the index's
 
     @property
     def latent_size(self) -> int:

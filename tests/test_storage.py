@@ -72,14 +72,20 @@ def test_merge_refuses_disagreeing_or_missing_parts(tmp_path):
 def test_s3_errors_are_one_clear_line(s3_bucket, seaweed, monkeypatch):
     with pytest.raises(storage.StorageError, match="S3 bucket 'no-such-bucket' does not exist"):
         storage.check_writable("s3://no-such-bucket/prefix")
+    with pytest.raises(
+        storage.StorageError, match=f"S3 object '{s3_bucket}/missing.tar' does not exist"
+    ) as info:
+        storage.check_readable(f"{s3_bucket}/missing.tar")
+    assert not info.value.transient
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(storage.StorageError) as info:
         storage.check_writable(s3_bucket + "/x")
     assert "denied" in str(info.value) and "check the credentials" in str(info.value)
     assert "wrong-secret" not in str(info.value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
-    with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
+    with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9") as info:
         storage.check_writable(s3_bucket + "/x")
+    assert info.value.transient  # a server that is away may come back: readers retry these
 
 
 def test_unwritable_local_output(tmp_path):

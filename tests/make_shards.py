@@ -1,0 +1,124 @@
+"""Toy latent datasets in the sharding job's exact format, for the loader's tests and benchmark.
+
+Each shard ``{prefix}-{task:05d}-{part:06d}.tar`` holds samples ``KEY.latent.npy`` / ``KEY.latent_std.npy``
+(float16, (F, C, h, w), already x scaling factor), ``KEY.cls`` (when labelled) and ``KEY.json``; the
+``index.json`` beside them is written with ``data_pipeline.index.save_index``. Faults can be injected: a
+corrupt sample (garbage in its ``latent.npy``) or a truncated shard (cut inside a member after the index
+recorded its full size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import storage
+from data_pipeline.index import DatasetFacts, DatasetIndex, ShardInfo, index_url_for, load_index, save_index
+
+SHARDS_PER_TASK = 4
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def shard_name(prefix: str, shard: int) -> str:
+    return f"{prefix}-{shard // SHARDS_PER_TASK:05d}-{shard % SHARDS_PER_TASK:06d}.tar"
+
+
+def write_shard(path: Path, first: int, count: int, shape: Sequence[int], classes: int, seed: int,
+                corrupt: set[int]) -> None:  # fmt: skip
+    """Samples ``first .. first+count-1`` (keys ``clipNNNNNN``); ``corrupt`` holds sample numbers to spoil."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for n in range(first, first + count):
+            rng = np.random.default_rng([seed, n])
+            key = f"clip{n:06d}"
+            mean = rng.standard_normal(shape).astype(np.float16)  # (F, C, h, w)
+            std = rng.uniform(0.05, 0.5, shape).astype(np.float16)  # (F, C, h, w)
+            meta = {"source": f"video{n}.mp4", "frames": int(shape[0])}
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+            _add(tar, f"{key}.latent.npy", b"\x93NUMPY garbage" * 7 if n in corrupt else _npy(mean))
+            _add(tar, f"{key}.latent_std.npy", _npy(std))
+            if classes:
+                _add(tar, f"{key}.cls", str(n % classes).encode())
+
+
+def make_dataset(
+    root: str,
+    counts: Sequence[int],
+    *,
+    latent_shape: Sequence[int] = (4, 4, 8, 8),
+    classes: int = 4,
+    scaling_factor: float = 0.18215,
+    seed: int = 0,
+    corrupt: Iterable[int] = (),
+    truncate: dict[int, float] | None = None,
+    prefix: str = "shard",
+) -> DatasetIndex:
+    """Write ``len(counts)`` shards (shard i holds ``counts[i]`` samples) and the index under ``root`` (a
+    directory or ``s3://bucket/prefix``). ``corrupt``: global sample numbers whose latent.npy is garbage;
+    ``truncate``: {shard: fraction of its bytes kept}. Returns the index."""
+    truncate = truncate or {}
+    shards: list[ShardInfo] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        first = 0
+        for shard, count in enumerate(counts):
+            name = shard_name(prefix, shard)
+            path = Path(tmp) / name
+            write_shard(path, first, count, latent_shape, classes, seed, set(corrupt))
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            shards.append(ShardInfo(name, count, len(data), digest, shard // SHARDS_PER_TASK))
+            if shard in truncate:  # cut inside a member, after the index recorded the whole shard
+                path.write_bytes(data[: int(len(data) * truncate[shard]) // 512 * 512 + 100])
+            storage.put_file(path, storage.join(root, name))
+            first += count
+    frames, _, size, _ = (int(n) for n in latent_shape)
+    facts = DatasetFacts(vae="toy-vae", scaling_factor=scaling_factor, latent_shape=list(latent_shape),
+                         num_frames=frames, frame_interval=3, image_size=8 * size,
+                         classes=[f"class{c}" for c in range(classes)])  # fmt: skip
+    index = DatasetIndex(facts, shards)
+    save_index(index, root)
+    return index
+
+
+def read_samples(index_url: str) -> dict[str, tuple[np.ndarray, np.ndarray, int | None]]:
+    """Every readable sample as ``{sample id: (mean, std, label)}``, read with ``tarfile`` (an independent
+    decoder to check the loader against); sample id = "<shard url relative to the index>/<key>"."""
+    index = load_index(index_url)
+    out: dict[str, tuple[np.ndarray, np.ndarray, int | None]] = {}
+    for info, url in zip(index.shards, index.shard_urls(index_url_for(index_url)), strict=True):
+        members: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url)), mode="r|") as tar:
+                for member in tar:
+                    key, _, suffix = member.name.partition(".")
+                    members.setdefault(key, {})[suffix] = tar.extractfile(member).read()
+        except tarfile.TarError:
+            members.popitem()  # the member cut short, with the sample it belongs to
+        for key, files in members.items():
+            try:
+                mean = np.load(io.BytesIO(files["latent.npy"]))
+                std = np.load(io.BytesIO(files["latent_std.npy"]))
+            except (KeyError, ValueError, OSError):
+                continue
+            if index.facts.classes and "cls" not in files:
+                continue
+            label = int(files["cls"]) if "cls" in files else None
+            out[f"{info.url}/{key}"] = (mean, std, label)
+    return out
