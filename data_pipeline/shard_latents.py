@@ -1,0 +1,562 @@
+"""The offline sharding job: videos -> VAE posterior latents -> WebDataset shards + index, local or S3.
+
+    python -m data_pipeline.shard_latents --input SRC --output DST --vae VAE [options]
+
+SRC: a directory of videos (mp4/avi/webm/mkv; class = sorted first-level folder, as UCF101 is laid out; no
+folders = unconditional) or a ``.csv``/``.jsonl`` manifest of ``path[,label]``, local or ``s3://``
+(``video.list_inputs``). DST: a local directory or ``s3://bucket/prefix``.
+
+Each sample is one clip: ``__key__`` = ``{input:08d}_c{clip:02d}`` (+ ``_flip`` for the mirrored copy), where
+``input`` is the video's position in the path-sorted input list; ``latent.npy`` and ``latent_std.npy``
+(F, C, h, w) float16, the posterior mean and std times the VAE scaling factor; ``cls`` (labelled data
+only); ``json`` (source, fps, frame indices, interval used, original size, flipped, ...).
+
+Restarts. The inputs are shuffled with ``--seed`` (so a shard mixes classes; ``--sorted`` keeps path
+order), dealt to tasks as ``order[task::num_tasks]`` and cut into chunks of ``videos_per_shard`` videos
+(``--samples-per-shard`` over the samples one video gives). Chunk ``p`` of task ``t`` becomes shard
+``{prefix}-{t:05d}-{p:06d}.tar``: which videos a shard holds is fixed by position alone, so a rerun needs no
+decoding to know what is done. After every finished chunk the task rewrites its part
+(``parts/task-XXXXX.json``); a rerun skips each chunk whose shard is listed there and exists with the
+recorded size (or whose videos all failed) and redoes the rest, byte-identically on the same device and
+dtype. ``DST/job.json`` records the job's settings; a rerun with other ones (inputs, task count, clip
+settings, VAE) is refused rather than mixing two datasets. A task that ends and finds every task's part
+complete writes ``index.json`` (so the one that finishes last does; two finishing together write the same
+file); ``python -m data_pipeline.build_index DST`` merges by hand.
+
+Several GPUs on one node: ``--devices cuda:0,cuda:1`` runs one process per device (each a sub-task), or
+start one process per GPU with ``--task-index``/``--num-tasks`` and ``--device``.
+
+Test hook: ``LATTE_SHARD_KILL_AFTER_SAMPLES=N`` SIGKILLs the job once it has written N samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline import storage
+from data_pipeline.build_index import JOB_NAME
+from data_pipeline.index import (
+    DatasetFacts,
+    DatasetIndex,
+    ShardInfo,
+    load_part,
+    merge_parts,
+    part_url,
+    save_index,
+)
+from data_pipeline.vae import LatentEncoder, VaeError, load_vae
+from data_pipeline.video import (
+    ClipSpec,
+    InputError,
+    VideoClips,
+    VideoInput,
+    clip_loader,
+    list_inputs,
+    one_line,
+)
+
+log = logging.getLogger("data_pipeline.shard_latents")
+JOB_FORMAT = "latte-shard-job/1"
+SHARD_BYTES = 1_000_000_000  # default shard size target
+KILL_ENV = "LATTE_SHARD_KILL_AFTER_SAMPLES"
+Done = dict[int, tuple[ShardInfo | None, list[dict[str, str]]]]  # chunk -> (shard or None, its failures)
+
+
+class JobError(RuntimeError):
+    """A problem found before any work: printed as one ``error:`` line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the plan: which videos go into which shard of which task, and which shards are done
+# ---------------------------------------------------------------------------------------------------------
+
+
+def task_chunks(order: list[VideoInput], task: int, num_tasks: int, per_shard: int) -> list[list[VideoInput]]:
+    """The videos of each shard of ``task``: ``order[task::num_tasks]`` cut into chunks of ``per_shard``."""
+    mine = order[task::num_tasks]
+    return [mine[i : i + per_shard] for i in range(0, len(mine), per_shard)]
+
+
+def _object_size(url: str) -> int | None:
+    """Bytes of a published shard, or None if it is absent."""
+    if not storage.exists(url):
+        return None
+    if storage.is_s3(url):
+        bucket, key = storage.split_s3(url)
+        return int(storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return Path(url).stat().st_size
+
+
+def finished_chunks(
+    part: DatasetIndex | None, chunks: list[list[VideoInput]], names: list[str], output: str | None
+) -> Done:
+    """The chunks a previous run finished: listed in its part with their shard, or with all videos failed.
+
+    With ``output``, a listed shard counts only if its object exists there with the recorded size.
+    """
+    if part is None:
+        return {}
+    shards = {s.url: s for s in part.shards}
+    failures = {f["input"]: f for f in part.failed}
+    done: Done = {}
+    for c, (chunk, name) in enumerate(zip(chunks, names, strict=True)):
+        failed = [failures[v.path] for v in chunk if v.path in failures]
+        shard = shards.get(name)
+        if shard is not None and (output is None or _object_size(storage.join(output, name)) == shard.bytes):
+            done[c] = (shard, failed)
+        elif shard is None and len(failed) == len(chunk):
+            done[c] = (None, failed)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing shards
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts what passes through (tarfile's stream mode only writes)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def temp_path(url: str, tmp_dir: str | None) -> Path:
+    """Where shard ``url`` is written before publication. Local output: beside it, under the very name
+    ``storage.put_file`` renames from (publication is a rename, not a copy). S3: in ``tmp_dir`` (default the
+    system's), named after the output so a rerun can clean up after a killed run of the same task."""
+    name = posixpath.basename(url)
+    if not storage.is_s3(url):
+        return Path(url).with_name(f".{name}.tmp-{os.getpid()}")
+    tag = hashlib.sha256(posixpath.dirname(url).encode()).hexdigest()[:12]
+    return Path(tmp_dir or tempfile.gettempdir(), f".latte-{tag}-{name}.tmp-{os.getpid()}")
+
+
+class ShardFile:
+    """One shard being written: a deterministic tar (fixed mtime, owner, mode) in a temporary file, then
+    published all at once with ``storage.put_file`` (local: renamed in place; S3: uploaded whole)."""
+
+    def __init__(self, url: str, tmp_dir: str | None) -> None:
+        import webdataset as wds
+
+        self.url, self.samples = url, 0
+        self.tmp = str(temp_path(url, tmp_dir))
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in publish()
+        self._hashing = _HashingFile(self._file)
+        self._tar = wds.TarWriter(self._hashing, user="latte", group="latte", mtime=0.0, encoder=False)
+
+    def write(self, sample: dict[str, bytes | str]) -> None:
+        self._tar.write(sample)
+        self.samples += 1
+
+    def publish(self, task: int) -> ShardInfo:
+        self._tar.close()
+        self._file.close()
+        try:
+            storage.put_file(self.tmp, self.url)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+        digest = self._hashing.sha.hexdigest()
+        return ShardInfo(posixpath.basename(self.url), self.samples, self._hashing.bytes, digest, task)
+
+
+def clip_samples(
+    video: VideoInput, clips: VideoClips, mean: np.ndarray, std: np.ndarray, flip: bool
+) -> list[dict[str, bytes | str]]:
+    """The samples of one video, from ``mean``/``std`` (K', F, C, h, w) as ``LatentEncoder.encode_clips``
+    returns them (with ``flip``, each mirrored clip right after its original)."""
+    samples = []
+    for s in range(mean.shape[0]):
+        clip, flipped = divmod(s, 2) if flip else (s, 0)
+        meta = {"source": video.path, "input_index": video.position, "clip": clip, "fps": clips.fps,
+                "frame_indices": clips.frame_indices[clip], "frame_interval": clips.frame_interval,
+                "num_video_frames": clips.total_frames, "original_size": list(clips.original_size),
+                "flipped": bool(flipped)}  # fmt: skip
+        key = f"{video.position:08d}_c{clip:02d}" + ("_flip" if flipped else "")
+        sample = {"__key__": key, "latent.npy": _npy(mean[s]), "latent_std.npy": _npy(std[s])}
+        if video.label is not None:
+            meta["label"] = video.label
+            sample["cls"] = str(video.label).encode()
+        sample["json"] = json.dumps(meta, sort_keys=True).encode()
+        samples.append(sample)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the job
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    videos_ok: int = 0
+    videos_failed: int = 0
+    clips: int = 0
+    shards: int = 0
+    shards_skipped: int = 0
+    start: float = 0.0  # time.perf_counter() when encoding began
+    seconds: float = 0.0  # set when the task ends
+    merged: bool = False
+
+    @property
+    def rate(self) -> float:
+        """Clips per second so far (or over the whole task, once it has ended)."""
+        elapsed = self.seconds or (time.perf_counter() - self.start)
+        return self.clips / elapsed if elapsed > 0 else 0.0
+
+    def line(self, task: int, num_tasks: int) -> str:
+        rate = self.rate
+        return (f"shard_latents task {task}/{num_tasks}: videos ok {self.videos_ok}, failed "
+                f"{self.videos_failed}; clips {self.clips}; shards written {self.shards}, skipped as done "
+                f"{self.shards_skipped}; {rate:.2f} clips/s in {self.seconds:.1f} s")  # fmt: skip
+
+
+@dataclass
+class Job:
+    """Everything a task needs, validated by ``prepare``."""
+
+    inputs: list[VideoInput]
+    classes: list[str]
+    output: str
+    encoder: LatentEncoder
+    spec: ClipSpec
+    flip: bool
+    task: int
+    num_tasks: int
+    videos_per_shard: int
+    seed: int | None  # input shuffle seed; None keeps path order
+    prefix: str
+    vae_id: str
+    workers: int = 4
+    decode_threads: int = 1
+    tmp_dir: str | None = None
+    progress: bool = True
+
+    @cached_property
+    def facts(self) -> DatasetFacts:
+        spec = self.spec
+        return DatasetFacts(vae=self.vae_id, scaling_factor=self.encoder.scaling_factor,
+                            latent_shape=self.encoder.latent_shape(spec.num_frames, spec.image_size),
+                            num_frames=spec.num_frames, frame_interval=spec.frame_interval,
+                            image_size=spec.image_size, classes=list(self.classes))  # fmt: skip
+
+    @cached_property
+    def order(self) -> list[VideoInput]:
+        order = list(self.inputs)
+        if self.seed is not None:
+            random.Random(self.seed).shuffle(order)
+        return order
+
+    @cached_property
+    def positions(self) -> dict[str, int]:
+        return {v.path: v.position for v in self.inputs}
+
+    def chunks(self, task: int) -> tuple[list[list[VideoInput]], list[str]]:
+        """The video chunks of ``task`` and their shard names."""
+        chunks = task_chunks(self.order, task, self.num_tasks, self.videos_per_shard)
+        return chunks, [f"{self.prefix}-{task:05d}-{c:06d}.tar" for c in range(len(chunks))]
+
+    def settings(self) -> dict:
+        """What makes two runs the same job (kept in DST/job.json; device, dtype, workers may change)."""
+        listing = hashlib.sha256(json.dumps([(v.path, v.label) for v in self.inputs]).encode()).hexdigest()
+        return {"format": JOB_FORMAT, "inputs": len(self.inputs), "inputs_sha256": listing,
+                "num_tasks": self.num_tasks, "videos_per_shard": self.videos_per_shard, "seed": self.seed,
+                "prefix": self.prefix, "clips_per_video": self.spec.clips_per_video, "flip": self.flip,
+                "facts": dataclasses.asdict(self.facts)}  # fmt: skip
+
+    def failures(self, done: Done) -> list[dict[str, str]]:
+        """The failures of the finished chunks, in input order."""
+        failures = [f for _, fs in done.values() for f in fs]
+        return sorted(failures, key=lambda f: (self.positions.get(f["input"], -1), f["input"]))
+
+
+def check_job_record(job: Job) -> None:
+    """Refuse an output written by a different job; record this job's settings if none are there."""
+    url, settings = storage.join(job.output, JOB_NAME), job.settings()
+    if not storage.exists(url):
+        storage.write_bytes(url, json.dumps(settings, indent=1, sort_keys=True).encode())
+        return
+    recorded = json.loads(storage.read_bytes(url))
+    differ = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
+    if differ:
+        raise JobError(f"'{job.output}' holds a different job (differs in: {', '.join(differ)}); "
+                       "use a new output or remove the old one")  # fmt: skip
+
+
+def _remove_stale_temps(job: Job) -> None:
+    """Temporary shards a killed run of this task left behind (in a local output, or in the temp folder)."""
+    example = temp_path(storage.join(job.output, f"{job.prefix}-{job.task:05d}-000000.tar"), job.tmp_dir)
+    pattern = example.name.replace("-000000.tar", "-*.tar").rsplit(".tmp-", 1)[0] + ".tmp-*"
+    for stale in example.parent.glob(pattern):
+        stale.unlink(missing_ok=True)
+
+
+def run_task(job: Job) -> Summary:
+    """Encode and write every unfinished shard of ``job.task``; rewrite the part after each chunk."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    chunks, names = job.chunks(job.task)
+    done = finished_chunks(load_part(job.output, job.task), chunks, names, job.output)
+    summary = Summary(shards_skipped=sum(shard is not None for shard, _ in done.values()))
+    todo = [c for c in range(len(chunks)) if c not in done]
+    total, skipped = sum(map(len, chunks)), sum(len(chunks[c]) for c in done)
+    log.info("task %d/%d: %d videos in %d shards, %d done before; %s %s", job.task, job.num_tasks, total,
+             len(chunks), summary.shards_skipped, job.vae_id, job.encoder)  # fmt: skip
+    _remove_stale_temps(job)
+    items = iter(clip_loader([v for c in todo for v in chunks[c]], job.spec, job.workers, job.decode_threads))
+    summary.start = time.perf_counter()
+    interval = 0.5 if sys.stderr.isatty() else 30.0  # a log file gets a line every 30 s, not every video
+    bar = tqdm(total=total, initial=skipped, unit="video", disable=not job.progress, mininterval=interval)
+    with bar, logging_redirect_tqdm():
+        for c in todo:
+            done[c] = _write_chunk(job, len(chunks[c]), names[c], items, summary, bar)
+            summary.shards += done[c][0] is not None
+            shards = sorted((s for s, _ in done.values() if s is not None), key=lambda s: s.url)
+            save_index(DatasetIndex(job.facts, shards, job.failures(done)), part_url(job.output, job.task))
+    summary.seconds = time.perf_counter() - summary.start
+    return summary
+
+
+def _write_chunk(
+    job: Job, videos: int, name: str, items: Iterator[dict], summary: Summary, bar
+) -> tuple[ShardInfo | None, list[dict[str, str]]]:
+    """Encode the next ``videos`` decoded videos into shard ``name`` and publish it (if any succeeded)."""
+    shard, failures = None, []
+    kill_after = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
+    for _ in range(videos):
+        item = next(items)
+        video, clips = item["input"], item["clips"]
+        if clips is None:
+            failures.append({"input": video.path, "error": item["error"]})
+            log.warning("failed: %s: %s", video.path, item["error"])
+            summary.videos_failed += 1
+        else:
+            mean, std = job.encoder.encode_clips(clips.pixels, job.flip)
+            shard = shard or ShardFile(storage.join(job.output, name), job.tmp_dir)
+            for sample in clip_samples(video, clips, mean, std, job.flip):
+                shard.write(sample)
+                summary.clips += 1
+                if kill_after is not None and summary.clips >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)  # the test hook: a real, unclean death
+            summary.videos_ok += 1
+        bar.update(1)
+        bar.set_postfix(clips_s=f"{summary.rate:.1f}", failed=summary.videos_failed, refresh=False)
+    return (shard.publish(job.task) if shard else None), failures
+
+
+def incomplete_tasks(job: Job) -> list[int]:
+    """Tasks whose part does not yet cover all their chunks (judged from the parts alone)."""
+    missing = []
+    for task in range(job.num_tasks):
+        chunks, names = job.chunks(task)
+        if len(finished_chunks(load_part(job.output, task), chunks, names, None)) < len(chunks):
+            missing.append(task)
+    return missing
+
+
+def maybe_merge(job: Job) -> bool:
+    """Write index.json if every task is complete; else say which are not and how to merge later."""
+    missing = incomplete_tasks(job)
+    if missing:
+        hint = f"python -m data_pipeline.build_index {job.output}"
+        log.info("tasks %s of %d are not finished; when they are, run: %s", missing[:10], job.num_tasks, hint)
+        return False
+    index = merge_parts(job.output, job.num_tasks)
+    log.info("index: %s (%d samples in %d shards, %d failed inputs)", storage.join(job.output, "index.json"),
+             index.num_samples, len(index.shards), len(index.failed))  # fmt: skip
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit code 2, like every other preflight error
+        raise JobError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m data_pipeline.shard_latents", description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--input", required=True, help="video directory or .csv/.jsonl manifest (local or s3://)")
+    add("--output", required=True, help="output directory or s3://bucket/prefix")
+    add("--vae", required=True, help="AutoencoderKL: local directory or hub id")
+    add("--vae-subfolder", default=None, help="subfolder of --vae (default: 'vae' in a local pipeline dir)")
+    add("--scaling-factor", type=float, default=None, help="override the VAE config's scaling factor")
+    add("--num-frames", type=int, default=16)
+    add("--frame-interval", type=int, default=3)
+    add("--clips-per-video", type=int, default=4, help="windows spread evenly over each video")
+    add("--image-size", type=int, default=256)
+    add("--flip", action="store_true", help="also store each clip mirrored horizontally")
+    add("--samples-per-shard", type=int, default=None, help="default: ~1 GB; shards hold whole videos")
+    add("--prefix", default="shard", help="shard file name prefix")
+    add("--seed", type=int, default=0, help="input shuffle seed (which videos share a shard)")
+    add("--sorted", action="store_true", help="keep path order instead of shuffling the inputs")
+    add("--task-index", type=int, default=None, help="default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN")
+    add("--num-tasks", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT, or 1")
+    add("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    add("--devices", default="", help="comma-separated devices: one sub-process (sub-task) per device")
+    add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: fp32 CPU, bf16 GPU")
+    add("--vae-batch", type=int, default=32, help="frames per VAE encode call")
+    workers = min(4, max(1, (os.cpu_count() or 2) - 1))
+    add(
+        "--workers",
+        type=int,
+        default=workers,
+        help=f"DataLoader decode workers, 0: inline (default {workers})",
+    )
+    add("--decode-threads", type=int, default=1, help="ffmpeg threads per decode worker")
+    add("--tmp-dir", default=None, help="local folder for shards in progress when writing to S3")
+    add("--no-merge", action="store_true", help="do not write index.json, even when every task is done")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def task_from_env(args: argparse.Namespace) -> tuple[int, int]:
+    """(task index, number of tasks): the options, else the SLURM array's (ids counted from its first)."""
+    env = os.environ
+    num = args.num_tasks if args.num_tasks is not None else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    task = args.task_index
+    if task is None:
+        task = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if num < 1 or not 0 <= task < num:
+        raise JobError(f"task index {task} is not in 0..{num - 1} (num tasks {num})")
+    return task, num
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    at_least = {"num_frames": 1, "frame_interval": 1, "clips_per_video": 1, "image_size": 1, "vae_batch": 1,
+                "decode_threads": 1, "samples_per_shard": 1, "workers": 0}  # fmt: skip
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise JobError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if args.scaling_factor is not None and not args.scaling_factor > 0:
+        raise JobError(f"--scaling-factor must be positive, got {args.scaling_factor}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.prefix):
+        raise JobError(f"--prefix may hold letters, digits, '_' and '-' only, got {args.prefix!r}")
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise JobError(f"unknown device '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise JobError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Check everything before any work (``JobError``): arguments, inputs, output, VAE, an earlier run."""
+    _check_numbers(args)
+    task, num_tasks = task_from_env(args)
+    device = _device(args.device)
+    try:
+        inputs, classes = list_inputs(args.input)
+        storage.check_writable(args.output)
+        encoder = load_vae(
+            args.vae, device, args.dtype, args.scaling_factor, args.vae_subfolder, args.vae_batch
+        )
+        shape = encoder.latent_shape(args.num_frames, args.image_size)
+    except (InputError, storage.StorageError, VaeError) as exc:
+        raise JobError(str(exc)) from None
+    per_video = args.clips_per_video * (2 if args.flip else 1)
+    per_shard = args.samples_per_shard or max(1, SHARD_BYTES // (4 * int(np.prod(shape)) + 4096))
+    spec = ClipSpec(args.num_frames, args.frame_interval, args.clips_per_video, args.image_size)
+    job = Job(inputs, classes, args.output, encoder, spec, args.flip, task, num_tasks,
+              videos_per_shard=max(1, per_shard // per_video), seed=None if args.sorted else args.seed,
+              prefix=args.prefix, vae_id=args.vae, workers=args.workers, decode_threads=args.decode_threads,
+              tmp_dir=args.tmp_dir, progress=not args.no_progress)  # fmt: skip
+    check_job_record(job)
+    return job
+
+
+def _sub_task_args(device: str, task: int, num_tasks: int) -> list[str]:
+    """Options that make a run one sub-task on one device (later options win in argparse)."""
+    return ["--devices", "", "--device", device, "--task-index", str(task), "--num-tasks", str(num_tasks)]
+
+
+def fan_out(args: argparse.Namespace, argv: list[str], devices: list[str]) -> int:
+    """One sub-process per device: device j of task i runs sub-task i * D + j of num_tasks * D. When all
+    succeed, the index is merged here if every sub-task of the job is complete."""
+    task, num_tasks = task_from_env(args)
+    width = len(devices)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "data_pipeline.shard_latents", *argv, "--no-merge",
+                          *_sub_task_args(device, task * width + j, num_tasks * width)])
+        for j, device in enumerate(devices)
+    ]  # fmt: skip
+    code = max(p.wait() for p in procs)
+    if code == 0 and not args.no_merge:
+        last = _sub_task_args("cpu", num_tasks * width - 1, num_tasks * width)
+        maybe_merge(prepare(build_parser().parse_args([*argv, *last])))
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 done (even with failed inputs), 2 a preflight error (one line), 1 storage failed mid-job."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("data_pipeline").setLevel(logging.INFO)  # ours at INFO; boto3 & co. stay quiet
+    try:
+        args = build_parser().parse_args(argv)
+        devices = [d for d in args.devices.split(",") if d]
+        if len(devices) > 1:
+            return fan_out(args, argv, devices)
+        args.device = devices[0] if devices else args.device
+        job = prepare(args)
+    except JobError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_task(job)
+        if not args.no_merge:
+            summary.merged = maybe_merge(job)
+    except storage.StorageError as exc:  # e.g. S3 went away mid-job: finished shards stay recorded
+        print(f"error: {one_line(exc)} (finished shards are kept; rerun the task to go on)", file=sys.stderr)
+        return 1
+    print(summary.line(job.task, job.num_tasks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Videos for the sharding job: finding them, decoding clip windows with PyAV, resize + crop to [-1, 1], and
+a DataLoader that does it in worker processes.
+
+Inputs (``list_inputs``): a directory or S3 prefix (class = sorted first-level folder, as UCF101 is laid
+out) or a ``.csv``/``.jsonl`` manifest of ``path[,label]``; sorted by path, numbered by position.
+
+A *window* is ``num_frames`` frames taken every ``frame_interval`` frames (the reference's temporal window of
+num_frames x interval): frames ``start, start + I, ..., start + (F - 1) * I``, spanning ``(F - 1) * I + 1``
+frames. ``clips_per_video`` windows are spread evenly from the first frame to the last (distinct starts
+only, so a video with room for fewer windows gives fewer clips). A video too short for one window at the
+requested interval is sampled with the largest interval that fits, and the interval used is recorded.
+A video with fewer than ``num_frames`` frames is a failed input (``VideoError``): padding would teach the
+model frozen or repeated frames that no real clip has.
+
+Decoding is sequential and stops after the last frame any window needs; only the needed frames are
+converted to RGB. With windows spread over the whole video nearly every packet must be decoded anyway, so
+seeking would save little, and frame-accurate seeking by timestamp is unreliable across containers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_pipeline import storage
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv")
+
+
+class InputError(ValueError):
+    """Inputs that cannot be listed (missing directory, unreadable or malformed manifest); one line."""
+
+
+class VideoError(ValueError):
+    """A video that cannot give a clip; the message is a one-line reason (it goes into the index)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type's name if it has no message."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# finding the videos: a directory with class folders, or a manifest
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    position: int  # index in the path-sorted input list: the stable name of the video
+    path: str
+    label: int | None
+
+
+def _manifest_rows(src: str) -> list[tuple[str, str | None]]:
+    """(path, label or None) rows of a CSV (``path[,label]``, optional header) or JSONL manifest."""
+    try:
+        text = storage.read_bytes(src).decode("utf-8")
+    except (storage.StorageError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the manifest '{src}': {one_line(exc)}") from None
+    rows: list[tuple[str, str | None]] = []
+    if src.lower().endswith(".jsonl"):
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                item = json.loads(line) if line.strip() else None
+                if item is not None:
+                    label = item.get("label")
+                    rows.append((str(item["path"]), None if label is None else str(label)))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise InputError(
+                    f'manifest \'{src}\' line {number}: expected {{"path": ..., "label": ...}}'
+                ) from None
+        return rows
+    for row in csv.reader(io.StringIO(text)):
+        if not row or not row[0].strip() or row[0].startswith("#"):
+            continue
+        if not rows and row[0].strip().lower() == "path":  # a header
+            continue
+        rows.append((row[0].strip(), row[1].strip() if len(row) > 1 and row[1].strip() else None))
+    return rows
+
+
+def _numbered(
+    rows: list[tuple[str, str | None]], src: str, integer_labels: bool
+) -> tuple[list[VideoInput], list[str]]:
+    """Sort rows by path and number the classes: labels must be given for all rows or none. With
+    ``integer_labels`` (manifests) labels that are all integers are used as they are; otherwise (and for
+    folder names) class k is the k-th name in sorted order."""
+    rows = sorted(rows, key=lambda r: r[0])
+    twice = next((a for (a, _), (b, _) in zip(rows, rows[1:], strict=False) if a == b), None)
+    if twice is not None:
+        raise InputError(f"'{src}' lists '{twice}' more than once")
+    labelled = {label is not None for _, label in rows}
+    if labelled == {True, False}:
+        raise InputError(f"'{src}': some videos have a label (class folder, manifest column) and some do not")
+    if not rows:
+        raise InputError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) found in '{src}'")
+    if labelled == {False}:
+        return [VideoInput(i, path, None) for i, (path, _) in enumerate(rows)], []
+    names = sorted({str(label) for _, label in rows})
+    if integer_labels and all(re.fullmatch(r"\d+", name) for name in names):
+        classes = [str(k) for k in range(max(int(n) for n in names) + 1)]
+        number = {name: int(name) for name in names}
+    else:
+        classes, number = names, {name: k for k, name in enumerate(names)}
+    return [VideoInput(i, path, number[str(label)]) for i, (path, label) in enumerate(rows)], classes
+
+
+def list_inputs(src: str) -> tuple[list[VideoInput], list[str]]:
+    """The videos of ``src`` sorted by path, and the class names by label ([] = unconditional).
+
+    ``src``: a directory or S3 prefix (class = sorted first-level folder; no folders = unconditional), or a
+    ``.csv`` / ``.jsonl`` manifest of ``path[,label]`` (relative paths resolve against its folder; labels
+    that are all integers are used as they are, names are numbered in sorted order). Listed paths that do
+    not exist are not checked here: they fail one by one, as inputs, when decoded.
+    """
+    if src.lower().endswith((".csv", ".jsonl")):
+        base = posixpath.dirname(src) if storage.is_s3(src) else str(Path(src).parent)
+        rows = [(p if storage.is_s3(p) or os.path.isabs(p) else storage.join(base, p), label)
+                for p, label in _manifest_rows(src)]  # fmt: skip
+        return _numbered(rows, src, integer_labels=True)
+    if not storage.is_s3(src) and not Path(src).is_dir():
+        raise InputError(f"input '{src}' is not a directory or a .csv/.jsonl manifest")
+    try:
+        files = storage.list_files(src)
+    except storage.StorageError as exc:
+        raise InputError(str(exc)) from None
+    root = src.rstrip("/") + "/"
+    rows = []
+    for path in files:
+        relative = path[len(root) :] if storage.is_s3(src) else Path(path).relative_to(src).as_posix()
+        if path.lower().endswith(VIDEO_EXTENSIONS) and not posixpath.basename(path).startswith("."):
+            rows.append((path, relative.split("/", 1)[0] if "/" in relative else None))
+    return _numbered(rows, src, integer_labels=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoding clips
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How clips are cut from a video."""
+
+    num_frames: int = 16
+    frame_interval: int = 3
+    clips_per_video: int = 1
+    image_size: int = 256
+
+
+@dataclass
+class VideoClips:
+    """The clips of one video: pixels and what is needed to say where they came from."""
+
+    pixels: torch.Tensor  # (K, F, 3, S, S) float32 in [-1, 1]
+    frame_indices: list[list[int]]  # per clip, the source frame of each of its F frames
+    frame_interval: int  # the interval used: the requested one unless the video is short
+    fps: float
+    original_size: tuple[int, int]  # (width, height) of the decoded frames
+    total_frames: int
+
+
+def plan_windows(total_frames: int, spec: ClipSpec) -> tuple[int, list[list[int]]]:
+    """(interval used, frame indices of each window) for a video of ``total_frames`` frames.
+
+    Raises ``VideoError`` if the video has fewer than ``spec.num_frames`` frames.
+    """
+    frames = spec.num_frames
+    if total_frames < frames:
+        raise VideoError(f"video has {total_frames} frames, fewer than num_frames={frames}")
+    interval = spec.frame_interval
+    if frames > 1:  # the largest interval I <= requested with (F - 1) * I + 1 <= total
+        interval = min(interval, (total_frames - 1) // (frames - 1))
+    span = (frames - 1) * interval + 1
+    starts = np.unique(np.round(np.linspace(0, total_frames - span, spec.clips_per_video)).astype(int))
+    windows = [[int(s) + j * interval for j in range(frames)] for s in starts]
+    return interval, windows
+
+
+def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, size, size) float32 in [-1, 1]: the shorter side resized to ``size``
+    (bilinear, antialiased), then the center ``size`` x ``size`` crop, as the reference's UCF transforms."""
+    x = frames.permute(0, 3, 1, 2).float()  # (N, H, W, 3) -> (N, 3, H, W)
+    height, width = x.shape[-2:]
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    if (new_h, new_w) != (height, width):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[:, :, top : top + size, left : left + size]  # (N, 3, size, size)
+    return (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
+
+
+def _open(source: str | bytes):
+    """An open PyAV container over a local path or bytes; empty or missing files give ``VideoError``."""
+    import av
+
+    if isinstance(source, bytes):
+        if not source:
+            raise VideoError("empty file (0 bytes)")
+        return av.open(io.BytesIO(source))
+    if not os.path.isfile(source):
+        raise VideoError("no such file")
+    if os.path.getsize(source) == 0:
+        raise VideoError("empty file (0 bytes)")
+    return av.open(source)
+
+
+def _count_frames(source: str | bytes) -> int:
+    """Frames in the first video stream: the header's count, else one per demuxed packet (webm/mkv)."""
+    with _open(source) as container:
+        stream = _video_stream(container)
+        if stream.frames > 0:
+            return int(stream.frames)
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _video_stream(container):
+    if not container.streams.video:
+        raise VideoError("no video stream")
+    return container.streams.video[0]
+
+
+def decode_frames(
+    source: str | bytes, wanted: set[int], threads: int = 1
+) -> tuple[dict[int, np.ndarray], int, float]:
+    """Decode frames up to the last of ``wanted``, converting only those to RGB.
+
+    Returns (wanted index -> (H, W, 3) uint8 frame, number of frames decoded, fps).
+    """
+    last = max(wanted)
+    out: dict[int, np.ndarray] = {}
+    decoded = 0
+    with _open(source) as container:
+        stream = _video_stream(container)
+        stream.codec_context.thread_count = threads
+        rate = stream.average_rate or stream.guessed_rate
+        for frame in container.decode(stream):
+            if decoded in wanted:
+                out[decoded] = frame.to_ndarray(format="rgb24")
+            decoded += 1
+            if decoded > last:
+                break
+    return out, decoded, float(rate) if rate else 0.0
+
+
+def read_clips(source: str, spec: ClipSpec, threads: int = 1) -> VideoClips:
+    """Decode the clips of one video (a local path or an ``s3://`` url) as ``VideoClips``.
+
+    Raises ``VideoError`` (with a one-line reason) for anything that makes the video unusable.
+    """
+    import av
+
+    try:
+        data: str | bytes = storage.read_bytes(source) if storage.is_s3(source) else source
+        total = _count_frames(data)
+        interval, windows = plan_windows(total, spec)
+        wanted = {i for w in windows for i in w}
+        frames, decoded, fps = decode_frames(data, wanted, threads)
+        if len(frames) < len(wanted):  # the header overstated the length: replan on the frames that exist
+            total = decoded
+            interval, windows = plan_windows(total, spec)
+            frames, decoded, fps = decode_frames(data, {i for w in windows for i in w}, threads)
+    except (av.error.FFmpegError, storage.StorageError, OSError) as exc:
+        raise VideoError(f"{type(exc).__name__}: {one_line(exc)}") from None
+    height, width = next(iter(frames.values())).shape[:2]
+    if any(f.shape[:2] != (height, width) for f in frames.values()):
+        raise VideoError("the frame size changes within the video")
+    stacked = torch.from_numpy(np.stack([frames[i] for w in windows for i in w]))  # (K*F, H, W, 3) uint8
+    pixels = resize_center_crop(stacked, spec.image_size)  # (K*F, 3, S, S)
+    pixels = pixels.reshape(len(windows), spec.num_frames, *pixels.shape[1:])  # -> (K, F, 3, S, S)
+    return VideoClips(pixels, windows, interval, fps, (width, height), total)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoding in DataLoader workers, overlapped with whatever the main process does
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Video ``i`` -> {"input": VideoInput, "clips": VideoClips | None, "error": one-line reason | None}.
+
+    Never raises for a bad video: the job records the reason and goes on.
+    """
+
+    def __init__(self, videos: list[VideoInput], spec: ClipSpec, decode_threads: int = 1) -> None:
+        self.videos, self.spec, self.decode_threads = videos, spec, decode_threads
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> dict:
+        video, clips, error = self.videos[i], None, None
+        try:
+            clips = read_clips(video.path, self.spec, self.decode_threads)
+        except VideoError as exc:
+            error = str(exc)
+        except Exception as exc:  # a decoder surprise in one video must never stop the job
+            error = f"{type(exc).__name__}: {one_line(exc)}"
+        return {"input": video, "clips": clips, "error": error}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers run side by side; the main process's threads encode
+
+
+def clip_loader(
+    videos: list[VideoInput], spec: ClipSpec, workers: int, decode_threads: int = 1, prefetch: int = 2
+) -> torch.utils.data.DataLoader:
+    """Decoded clips of ``videos``, in order, from ``workers`` processes (0: decoded inline)."""
+    return torch.utils.data.DataLoader(
+        ClipDataset(videos, spec, decode_threads),
+        batch_size=None,  # one video per item, no collation
+        shuffle=False,
+        num_workers=workers,
+        worker_init_fn=_worker_init,
+        prefetch_factor=prefetch if workers else None,
+    )

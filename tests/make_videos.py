@@ -1,0 +1,130 @@
+"""Real test inputs made on the spot: small encoded videos (PyAV, no ffmpeg CLI) and a tiny random VAE.
+
+Used by the data-pipeline tests, the sharding benchmark and the demo; importable from anywhere once
+``tests/`` is on ``sys.path``:
+
+    from make_videos import make_video, make_tiny_vae, frame_marker
+    make_video("clips/a/v0.mp4", frames=24, size=(96, 64), fps=24, seed=0)
+    vae_dir = make_tiny_vae("tiny_vae")          # AutoencoderKL.from_pretrained(vae_dir) works offline
+
+Each video is a seeded colour gradient with a square moving over it, and a *frame marker*: an 8x8 grey
+block in the top-left corner whose level encodes the frame's index (``frame_marker(i)``), so a test can tell
+which frame a decoder returned even after lossy compression (``read_marker``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# container extension -> encoders to try, best first (the av wheel ships libx264, mpeg4 and libvpx-vp9)
+_CODECS = {".mp4": ("libx264", "mpeg4"), ".mkv": ("libx264", "mpeg4"), ".avi": ("mpeg4",),
+           ".webm": ("libvpx-vp9", "libvpx")}  # fmt: skip
+MARKER = 8  # side of the frame-index marker block, pixels
+MARKER_STEP = 10  # grey levels per frame index: index i is drawn at level 8 + 10 * i (i <= 24)
+
+
+def frame_marker(index: int) -> int:
+    """The grey level that marks frame ``index`` (distinct up to index 24)."""
+    return 8 + MARKER_STEP * (index % 25)
+
+
+def read_marker(frame: np.ndarray) -> int:
+    """Recover the frame index from a decoded (H, W, 3) uint8 frame's marker block."""
+    level = float(frame[1 : MARKER - 1, 1 : MARKER - 1].mean())  # the block's inside, away from blur
+    return int(round((level - 8) / MARKER_STEP))
+
+
+def synthetic_frames(frames: int, size: tuple[int, int], seed: int = 0, motion: str = "linear") -> np.ndarray:
+    """(frames, h, w, 3) uint8: a seeded gradient background, a moving square, a frame-index marker.
+
+    ``motion``: ``"linear"`` (the square crosses the frame once) or ``"static"`` (it stays put).
+    """
+    width, height = size
+    rng = np.random.default_rng(seed)
+    low, high = rng.integers(30, 120, 3), rng.integers(140, 230, 3)  # background colours, per channel
+    ramp = np.linspace(0.0, 1.0, width)[None, :, None]  # (1, w, 1): horizontal gradient
+    background = (low + (high - low) * ramp).astype(np.uint8).repeat(height, axis=0)  # (h, w, 3)
+    side = max(4, min(width, height) // 4)
+    colour = rng.integers(0, 256, 3, dtype=np.uint8)
+    y0 = int(rng.integers(MARKER, max(MARKER + 1, height - side)))
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for i in range(frames):
+        frame = background.copy()
+        x0 = 0 if motion == "static" else int(round(i * (width - side) / max(1, frames - 1)))
+        frame[y0 : y0 + side, x0 : x0 + side] = colour
+        frame[:MARKER, :MARKER] = frame_marker(i)
+        out[i] = frame
+    return out
+
+
+def make_video(
+    path: str | Path,
+    frames: int,
+    size: tuple[int, int] = (64, 64),
+    fps: int = 24,
+    seed: int = 0,
+    motion: str = "linear",
+    codec: str | None = None,
+) -> Path:
+    """Encode ``synthetic_frames(...)`` into ``path`` (container from the extension: mp4, mkv, avi, webm).
+
+    ``size`` is (width, height), both even (yuv420p). Quality is near-lossless (crf 10 for x264) so the
+    frame marker survives. Returns the path.
+    """
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidates = (codec,) if codec else _CODECS[path.suffix.lower()]
+    name = next((c for c in candidates if c in av.codecs_available), None)
+    if name is None:
+        raise RuntimeError(f"none of the encoders {candidates} is in this PyAV build")
+    pixels = synthetic_frames(frames, size, seed, motion)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(name, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        if name == "libx264":
+            stream.options = {"crf": "10", "preset": "ultrafast"}
+        else:
+            stream.bit_rate = 4_000_000
+        for image in pixels:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            container.mux(packet)
+    return path
+
+
+def make_corrupt_video(path: str | Path, seed: int = 0, size: int = 4096) -> Path:
+    """A file with a video extension holding random bytes (no container can parse it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes())
+    return path
+
+
+def make_tiny_vae(directory: str | Path, seed: int = 0):
+    """Save a tiny random-weight ``AutoencoderKL`` (2 blocks: 32 and 64 channels, 4 latent channels,
+    downsampling by 2) to ``directory`` and return the directory. Its config's scaling_factor is diffusers'
+    default, 0.18215. No real VAE weights exist offline; this one encodes (2, 3, 64, 64) in a few ms."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    vae.save_pretrained(directory)
+    return directory
