@@ -98,16 +98,6 @@ def task_chunks(order: list[VideoInput], task: int, num_tasks: int, per_shard: i
     return [mine[i : i + per_shard] for i in range(0, len(mine), per_shard)]
 
 
-def _object_size(url: str) -> int | None:
-    """Bytes of a published shard, or None if it is absent."""
-    if not storage.exists(url):
-        return None
-    if storage.is_s3(url):
-        bucket, key = storage.split_s3(url)
-        return int(storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-    return Path(url).stat().st_size
-
-
 def finished_chunks(
     part: DatasetIndex | None, chunks: list[list[VideoInput]], names: list[str], output: str | None
 ) -> Done:
@@ -123,7 +113,7 @@ def finished_chunks(
     for c, (chunk, name) in enumerate(zip(chunks, names, strict=True)):
         failed = [failures[v.path] for v in chunk if v.path in failures]
         shard = shards.get(name)
-        if shard is not None and (output is None or _object_size(storage.join(output, name)) == shard.bytes):
+        if shard is not None and (output is None or storage.size(storage.join(output, name)) == shard.bytes):
             done[c] = (shard, failed)
         elif shard is None and len(failed) == len(chunk):
             done[c] = (None, failed)

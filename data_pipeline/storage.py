@@ -135,12 +135,12 @@ def check_readable(url: str) -> None:
         raise StorageError(f"'{url}' does not exist or is not a file")
 
 
-def exists(url: str) -> bool:
+def size(url: str) -> int | None:
+    """Bytes of a file or object, or None if it does not exist."""
     if is_s3(url):
         bucket, key = split_s3(url)
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
         except Exception as exc:
             from botocore.exceptions import ClientError
 
@@ -148,9 +148,14 @@ def exists(url: str) -> bool:
                 "404",
                 "NoSuchKey",
             ):
-                return False
-            raise _s3_error(url, exc) from None
-    return Path(url).exists()
+                return None
+            raise _s3_error(url, exc, is_object=True) from None
+    path = Path(url)
+    return path.stat().st_size if path.is_file() else None
+
+
+def exists(url: str) -> bool:
+    return size(url) is not None if is_s3(url) else Path(url).exists()
 
 
 def list_files(url: str) -> list[str]:
