@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from make_videos import make_tiny_vae, make_video  # noqa: E402
+sys.path.insert(0, str(REPO))
 
 from data_pipeline.shard_latents import build_parser, prepare, run_task  # noqa: E402
+from data_pipeline.toy_videos import make_tiny_vae, make_video  # noqa: E402
 from data_pipeline.video import read_clips  # noqa: E402
 
 

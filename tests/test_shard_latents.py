@@ -22,13 +22,13 @@ import av
 import numpy as np
 import pytest
 import torch
-from make_videos import make_corrupt_video, make_tiny_vae, make_video
 
 from data_pipeline import storage
 from data_pipeline.build_index import main as build_index
 from data_pipeline.index import load_index, load_part
 from data_pipeline.shard_latents import JobError, build_parser, task_from_env
 from data_pipeline.shard_latents import main as shard_latents
+from data_pipeline.toy_videos import make_corrupt_video, make_tiny_vae, make_video
 from data_pipeline.video import resize_center_crop
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the VAE is a local directory

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from make_videos import make_corrupt_video, make_video, read_marker
 
 from data_pipeline import video
+from data_pipeline.toy_videos import make_corrupt_video, make_video, read_marker
 from data_pipeline.video import (
     ClipDataset,
     ClipSpec,

@@ -1,15 +1,17 @@
-"""Real test inputs made on the spot: small encoded videos (PyAV, no ffmpeg CLI) and a tiny random VAE.
+"""Small real inputs made on the spot: encoded videos (PyAV, no ffmpeg CLI) and a tiny random VAE.
 
-Used by the data-pipeline tests, the sharding benchmark and the demo; importable from anywhere once
-``tests/`` is on ``sys.path``:
+Used by the demo (no dataset or VAE weights exist offline), the data-pipeline tests and the sharding
+benchmark:
 
-    from make_videos import make_video, make_tiny_vae, frame_marker
+    from data_pipeline.toy_videos import make_class_videos, make_tiny_vae, make_video
     make_video("clips/a/v0.mp4", frames=24, size=(96, 64), fps=24, seed=0)
+    make_class_videos("videos", num_classes=4, per_class=6)   # UCF101-style class folders
     vae_dir = make_tiny_vae("tiny_vae")          # AutoencoderKL.from_pretrained(vae_dir) works offline
 
-Each video is a seeded colour gradient with a square moving over it, and a *frame marker*: an 8x8 grey
-block in the top-left corner whose level encodes the frame's index (``frame_marker(i)``), so a test can tell
-which frame a decoder returned even after lossy compression (``read_marker``).
+Each video is a seeded colour gradient with a square moving over it (class folders: the class sets the
+direction), and a *frame marker*: an 8x8 grey block in the top-left corner whose level encodes the frame's
+index (``frame_marker(i)``), so a test can tell which frame a decoder returned even after lossy compression
+(``read_marker``).
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ def read_marker(frame: np.ndarray) -> int:
     return int(round((level - 8) / MARKER_STEP))
 
 
-def synthetic_frames(frames: int, size: tuple[int, int], seed: int = 0, motion: str = "linear") -> np.ndarray:
+def synthetic_frames(
+    frames: int, size: tuple[int, int], seed: int = 0, motion: str = "linear", angle: float | None = None
+) -> np.ndarray:
     """(frames, h, w, 3) uint8: a seeded gradient background, a moving square, a frame-index marker.
 
-    ``motion``: ``"linear"`` (the square crosses the frame once) or ``"static"`` (it stays put).
+    ``motion``: ``"linear"`` (the square crosses the frame once, left to right, or along ``angle`` radians
+    through the centre when given) or ``"static"`` (it stays put).
     """
     width, height = size
     rng = np.random.default_rng(seed)
@@ -52,7 +57,11 @@ def synthetic_frames(frames: int, size: tuple[int, int], seed: int = 0, motion: 
     out = np.empty((frames, height, width, 3), np.uint8)
     for i in range(frames):
         frame = background.copy()
-        x0 = 0 if motion == "static" else int(round(i * (width - side) / max(1, frames - 1)))
+        progress = i / max(1, frames - 1)  # 0 -> 1 over the clip
+        x0 = 0 if motion == "static" else int(round(progress * (width - side)))
+        if motion == "linear" and angle is not None:  # along a direction through the centre
+            x0 = int(round((width - side) * (0.5 + 0.5 * np.cos(angle) * (2 * progress - 1))))
+            y0 = int(round((height - side) * (0.5 + 0.5 * np.sin(angle) * (2 * progress - 1))))
         frame[y0 : y0 + side, x0 : x0 + side] = colour
         frame[:MARKER, :MARKER] = frame_marker(i)
         out[i] = frame
@@ -67,6 +76,7 @@ def make_video(
     seed: int = 0,
     motion: str = "linear",
     codec: str | None = None,
+    angle: float | None = None,
 ) -> Path:
     """Encode ``synthetic_frames(...)`` into ``path`` (container from the extension: mp4, mkv, avi, webm).
 
@@ -81,7 +91,7 @@ def make_video(
     name = next((c for c in candidates if c in av.codecs_available), None)
     if name is None:
         raise RuntimeError(f"none of the encoders {candidates} is in this PyAV build")
-    pixels = synthetic_frames(frames, size, seed, motion)
+    pixels = synthetic_frames(frames, size, seed, motion, angle)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(name, rate=fps)
         stream.width, stream.height = size
@@ -106,21 +116,43 @@ def make_corrupt_video(path: str | Path, seed: int = 0, size: int = 4096) -> Pat
     return path
 
 
-def make_tiny_vae(directory: str | Path, seed: int = 0):
-    """Save a tiny random-weight ``AutoencoderKL`` (2 blocks: 32 and 64 channels, 4 latent channels,
-    downsampling by 2) to ``directory`` and return the directory. Its config's scaling_factor is diffusers'
-    default, 0.18215. No real VAE weights exist offline; this one encodes (2, 3, 64, 64) in a few ms."""
+def make_class_videos(
+    root: str | Path, num_classes: int = 4, per_class: int = 6, frames: int = 24, size: int = 64, fps: int = 8
+) -> list[Path]:
+    """UCF101-style ``root/class_k/vNN.mp4``: in class k the square moves along direction 2*pi*k/num_classes,
+    so the class sets the motion. Existing files are kept (a rerun is instant)."""
+    paths = []
+    for k in range(num_classes):
+        for v in range(per_class):
+            path = Path(root) / f"class_{k}" / f"v{v:02d}.mp4"
+            if not path.exists():
+                angle = 2 * np.pi * k / num_classes
+                make_video(path, frames, (size, size), fps, seed=1000 * k + v, angle=angle)
+            paths.append(path)
+    return paths
+
+
+def make_tiny_vae(directory: str | Path, seed: int = 0, downsample: int = 2):
+    """Save a tiny random-weight ``AutoencoderKL`` to ``directory`` and return the directory.
+
+    ``downsample`` 2 (blocks of 32 and 64 channels) or 8 (four blocks, like the SD VAE's factor); 4 latent
+    channels. Its config's scaling_factor is diffusers' default, 0.18215. No real VAE weights exist offline;
+    the factor-2 one encodes (2, 3, 64, 64) in a few ms."""
     import torch
     from diffusers import AutoencoderKL
 
+    blocks = {2: (32, 64), 8: (32, 32, 64, 64)}
+    if downsample not in blocks:
+        raise ValueError(f"tiny VAE downsample must be one of {sorted(blocks)}, got {downsample}")
+    channels = blocks[downsample]
     directory = Path(directory)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=32,
