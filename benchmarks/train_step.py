@@ -1,6 +1,6 @@
 """Training-step time of our DeepSpeed engine vs a bare PyTorch step of the same model and batch, one run.
 
-    python benchmarks/train_step.py [--model Latte-S/2 --frames 8 --latent 16 --batch 2 --steps 5 --warmup 2
+    python benchmarks/train_step.py [--model Latte-S/2 --frames 16 --latent 32 --batch 2 --steps 3 --warmup 1
                                      --precision fp32|bf16 --attention auto]
 
 Rows: ``bare`` (model.train(); AdamW; loss.backward(); clip; step: no DeepSpeed), then ``zero2`` and
@@ -33,11 +33,11 @@ from latte.metrics import flops_per_sample, peak_flops  # noqa: E402
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="Latte-S/2")
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--latent", type=int, default=16, help="latent size (image size / 8)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--latent", type=int, default=32, help="latent size (image size / 8)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--attention", default="auto")
     p.add_argument("--stages", nargs="+", default=["2", "3"])
