@@ -204,34 +204,38 @@ def open_read(url: str, offset: int = 0) -> BinaryIO:
     return f
 
 
-def put_file(local_path: str | os.PathLike, url: str) -> None:
-    """Publish a finished local file at ``url`` all at once (S3: upload; local: temp name + rename)."""
-    if is_s3(url):
-        bucket, key = split_s3(url)
-        try:
-            s3_client().upload_file(str(local_path), bucket, key)
-        except Exception as exc:
-            raise _s3_error(url, exc) from None
-        return
+def _publish_local(url: str, fill) -> None:
+    """Write a local file under a temporary name with ``fill(tmp_path)``, then rename it into place."""
     dest = Path(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if Path(local_path).resolve() != tmp.resolve():
-        shutil.copyfile(local_path, tmp)
+    fill(tmp)
     os.replace(tmp, dest)
+
+
+def _s3_call(url: str, call) -> None:
+    try:
+        call(s3_client(), *split_s3(url))
+    except Exception as exc:
+        raise _s3_error(url, exc) from None
+
+
+def _copy_unless_same(src: str | os.PathLike, dest: Path) -> None:
+    if Path(src).resolve() != dest.resolve():  # the job may have written the shard at its temp name already
+        shutil.copyfile(src, dest)
+
+
+def put_file(local_path: str | os.PathLike, url: str) -> None:
+    """Publish a finished local file at ``url`` all at once (S3: upload; local: temp name + rename)."""
+    if is_s3(url):
+        _s3_call(url, lambda client, bucket, key: client.upload_file(str(local_path), bucket, key))
+    else:
+        _publish_local(url, lambda tmp: _copy_unless_same(local_path, tmp))
 
 
 def write_bytes(url: str, data: bytes) -> None:
     """Write a small object (an index) atomically."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as exc:
-            raise _s3_error(url, exc) from None
-        return
-    dest = Path(url)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+        _s3_call(url, lambda client, bucket, key: client.put_object(Bucket=bucket, Key=key, Body=data))
+    else:
+        _publish_local(url, lambda tmp: tmp.write_bytes(data))
