@@ -34,22 +34,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import posixpath
 import random
 import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,11 +61,11 @@ from data_pipeline.index import (
     part_url,
     save_index,
 )
+from data_pipeline.shard_writer import ShardFile, clip_samples, temp_path
 from data_pipeline.vae import LatentEncoder, VaeError, load_vae
 from data_pipeline.video import (
     ClipSpec,
     InputError,
-    VideoClips,
     VideoInput,
     clip_loader,
     list_inputs,
@@ -118,91 +114,6 @@ def finished_chunks(
         elif shard is None and len(failed) == len(chunk):
             done[c] = (None, failed)
     return done
-
-
-# ---------------------------------------------------------------------------------------------------------
-# writing shards
-# ---------------------------------------------------------------------------------------------------------
-
-
-class _HashingFile:
-    """A write-only file that hashes and counts what passes through (tarfile's stream mode only writes)."""
-
-    def __init__(self, f) -> None:
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def temp_path(url: str, tmp_dir: str | None) -> Path:
-    """Where shard ``url`` is written before publication. Local output: beside it, under the very name
-    ``storage.put_file`` renames from (publication is a rename, not a copy). S3: in ``tmp_dir`` (default the
-    system's), named after the output so a rerun can clean up after a killed run of the same task."""
-    name = posixpath.basename(url)
-    if not storage.is_s3(url):
-        return Path(url).with_name(f".{name}.tmp-{os.getpid()}")
-    tag = hashlib.sha256(posixpath.dirname(url).encode()).hexdigest()[:12]
-    return Path(tmp_dir or tempfile.gettempdir(), f".latte-{tag}-{name}.tmp-{os.getpid()}")
-
-
-class ShardFile:
-    """One shard being written: a deterministic tar (fixed mtime, owner, mode) in a temporary file, then
-    published all at once with ``storage.put_file`` (local: renamed in place; S3: uploaded whole)."""
-
-    def __init__(self, url: str, tmp_dir: str | None) -> None:
-        import webdataset as wds
-
-        self.url, self.samples = url, 0
-        self.tmp = str(temp_path(url, tmp_dir))
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in publish()
-        self._hashing = _HashingFile(self._file)
-        self._tar = wds.TarWriter(self._hashing, user="latte", group="latte", mtime=0.0, encoder=False)
-
-    def write(self, sample: dict[str, bytes | str]) -> None:
-        self._tar.write(sample)
-        self.samples += 1
-
-    def publish(self, task: int) -> ShardInfo:
-        self._tar.close()
-        self._file.close()
-        try:
-            storage.put_file(self.tmp, self.url)
-        finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
-        digest = self._hashing.sha.hexdigest()
-        return ShardInfo(posixpath.basename(self.url), self.samples, self._hashing.bytes, digest, task)
-
-
-def clip_samples(
-    video: VideoInput, clips: VideoClips, mean: np.ndarray, std: np.ndarray, flip: bool
-) -> list[dict[str, bytes | str]]:
-    """The samples of one video, from ``mean``/``std`` (K', F, C, h, w) as ``LatentEncoder.encode_clips``
-    returns them (with ``flip``, each mirrored clip right after its original)."""
-    samples = []
-    for s in range(mean.shape[0]):
-        clip, flipped = divmod(s, 2) if flip else (s, 0)
-        meta = {"source": video.path, "input_index": video.position, "clip": clip, "fps": clips.fps,
-                "frame_indices": clips.frame_indices[clip], "frame_interval": clips.frame_interval,
-                "num_video_frames": clips.total_frames, "original_size": list(clips.original_size),
-                "flipped": bool(flipped)}  # fmt: skip
-        key = f"{video.position:08d}_c{clip:02d}" + ("_flip" if flipped else "")
-        sample = {"__key__": key, "latent.npy": _npy(mean[s]), "latent_std.npy": _npy(std[s])}
-        if video.label is not None:
-            meta["label"] = video.label
-            sample["cls"] = str(video.label).encode()
-        sample["json"] = json.dumps(meta, sort_keys=True).encode()
-        samples.append(sample)
-    return samples
 
 
 # ---------------------------------------------------------------------------------------------------------

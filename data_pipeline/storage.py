@@ -204,13 +204,18 @@ def open_read(url: str, offset: int = 0) -> BinaryIO:
     return f
 
 
+def local_temp_path(url: str) -> Path:
+    """The temporary name a local file is written under before ``os.replace`` publishes it."""
+    dest = Path(url)
+    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+
+
 def _publish_local(url: str, fill) -> None:
     """Write a local file under a temporary name with ``fill(tmp_path)``, then rename it into place."""
-    dest = Path(url)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    tmp = local_temp_path(url)
     fill(tmp)
-    os.replace(tmp, dest)
+    os.replace(tmp, url)
 
 
 def _s3_call(url: str, call) -> None:

@@ -21,14 +21,9 @@ import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.index import DatasetFacts, DatasetIndex, ShardInfo, index_url_for, load_index, save_index
+from data_pipeline.shard_writer import npy_bytes
 
 SHARDS_PER_TASK = 4
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -52,8 +47,8 @@ def write_shard(path: Path, first: int, count: int, shape: Sequence[int], classe
             std = rng.uniform(0.05, 0.5, shape).astype(np.float16)  # (F, C, h, w)
             meta = {"source": f"video{n}.mp4", "frames": int(shape[0])}
             _add(tar, f"{key}.json", json.dumps(meta).encode())
-            _add(tar, f"{key}.latent.npy", b"\x93NUMPY garbage" * 7 if n in corrupt else _npy(mean))
-            _add(tar, f"{key}.latent_std.npy", _npy(std))
+            _add(tar, f"{key}.latent.npy", b"\x93NUMPY garbage" * 7 if n in corrupt else npy_bytes(mean))
+            _add(tar, f"{key}.latent_std.npy", npy_bytes(std))
             if classes:
                 _add(tar, f"{key}.cls", str(n % classes).encode())
 
