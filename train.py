@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import sys
 import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from latte.builders import build_diffusion, build_model
@@ -36,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="override config values, e.g. --set train.lr=2e-4 model.attention=sdpa",
+    )
+    parser.add_argument(
+        "--resume",
+        help="auto (newest complete checkpoint in train.ckpt_dir, else fresh; the default), none, or a "
+        "step_XXXXXXXX / checkpoint directory (same as --set train.resume=...)",
     )
     # the deepspeed launcher passes --local_rank; the rank layout is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -60,7 +67,8 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def batches_for(cfg: Config, world):
-    """This rank's stream of micro-batches ``{"latent": (B, F, C, h, w), "y": (B,)}``."""
+    """This rank's resumable stream of micro-batches ``{"latent": (B, F, C, h, w), "y": (B,)}``: an iterable
+    with ``state_dict()`` / ``load_state_dict()`` (the dataset's ``LatentLoader`` or the synthetic stream)."""
     if cfg.data.index:  # stream the dataset's shards; the index must fit the model this config builds
         from data_pipeline.loader import Expected, LatentLoader, LoaderError
 
@@ -74,10 +82,10 @@ def batches_for(cfg: Config, world):
                                   infinite=True, expected=expected)  # fmt: skip
         except (ValueError, LoaderError) as exc:  # unreadable index, missing shard, index vs config
             raise ConfigError(str(exc)) from None
-        return iter(loader)
-    from data_pipeline.synthetic import synthetic_batches
+        return loader
+    from data_pipeline.synthetic import SyntheticStream
 
-    return synthetic_batches(
+    return SyntheticStream(
         cfg.train.seed,
         cfg.train.micro_batch_size,
         cfg.model.num_classes,
@@ -104,17 +112,22 @@ def step_noise(cfg: Config, step: int, shape: tuple[int, ...], num_timesteps: in
 def train(cfg: Config, world) -> tuple[list[float], object, object]:
     """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval, the
     DeepSpeed engine and the sharded EMA."""
+    from latte.checkpoint import CheckpointManager
     from latte.ema import ShardedEMA
     from latte.engine import build_engine, set_grad_clip
     from latte.metrics import MetricsLogger, flops_per_sample, peak_flops
 
-    batches = batches_for(cfg, world)  # first: a dataset that does not fit the config fails before any build
+    data = batches_for(cfg, world)  # first: a dataset that does not fit the config fails before any build
+    checkpoints = CheckpointManager(cfg, world)
+    resume_from = checkpoints.find()  # a checkpoint made with another config is refused before any build
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    random.seed(cfg.train.seed)  # python's and numpy's RNGs too: checkpoints save all three, so resumes are
+    np.random.seed(cfg.train.seed)  # exact whatever library draws from them
     model = build_model(cfg)
     diffusion = build_diffusion(cfg)
     frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}  # fp32 sin-cos tables
     frozen = {name: p.detach().clone() for name, p in frozen.items()}
-    engine = build_engine(cfg, model, world)
+    engine = build_engine(cfg, model, world, load_universal=checkpoints.reshard)
     ema = ShardedEMA(engine, cfg.train.ema_decay, frozen)  # starts as a copy of the synced initial weights
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
@@ -141,10 +154,12 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
             flush=True,
         )
 
+    start_step = checkpoints.load(resume_from, engine, ema, data) if resume_from is not None else 0
+    batches = iter(data)  # after load: the stream continues where the checkpoint's left off
     interval_loss = torch.zeros((), device=world.device)
     history: list[float] = []
-    data_wait, t0 = 0.0, time.perf_counter()
-    for step in range(t_cfg.max_steps):
+    data_wait, t0, interval_start = 0.0, time.perf_counter(), start_step
+    for step in range(start_step, t_cfg.max_steps):
         set_grad_clip(engine, t_cfg.clip_max_norm if step >= t_cfg.clip_start_step else 0.0)
         t_all, noise_all = step_noise(cfg, step, (global_batch, *latent_shape), diffusion.num_timesteps,
                                       world.device)  # fmt: skip
@@ -163,7 +178,7 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
                 ema.update()
             interval_loss += loss.detach() / accum
         if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.max_steps:
-            steps = step % t_cfg.log_every + 1
+            steps = step + 1 - interval_start
             torch.distributed.all_reduce(interval_loss)  # the one collective + host sync per interval
             mean_loss = interval_loss.item() / (steps * ws)
             history.append(mean_loss)
@@ -183,7 +198,9 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
                 "perf/peak_mem_gb": _peak_memory_gb(world.device),
             })  # fmt: skip
             interval_loss.zero_()
-            data_wait, t0 = 0.0, time.perf_counter()
+            data_wait, t0, interval_start = 0.0, time.perf_counter(), step + 1
+        if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.max_steps:
+            checkpoints.save(step + 1, engine, ema, data)
     logger.close()
     return history, engine, ema
 
@@ -199,7 +216,8 @@ def _peak_memory_gb(device: torch.device) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)  # every config mistake surfaces here, before any rendezvous
+        overrides = args.set + ([f"train.resume={args.resume}"] if args.resume else [])
+        cfg = load_config(args.config, overrides)  # every config mistake surfaces here, before any rendezvous
     except ConfigError as e:
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # one line per job
             print(f"error: {e}", file=sys.stderr)

@@ -46,15 +46,17 @@ def synthetic_batches(
     rank: int = 0,
     world_size: int = 1,
     accumulation: int = 1,
+    start_step: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An endless, seeded stream of micro-batches of ``batch_size`` for one data-parallel rank.
 
     Step s draws one global batch of batch_size x accumulation x world_size clips from a generator seeded by
     (seed, s); micro-batch a of rank r is its slice (a * world_size + r). Every layout of the same global
     batch (ranks x micro-batch x accumulation) therefore sees the same clips in each optimizer step.
+    ``start_step``: the stream as it continues from that step (resuming).
     """
     global_size = batch_size * accumulation * world_size
-    step = 0
+    step = start_step
     while True:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         batch = synthetic_clip_batch(generator, global_size, num_classes, num_frames, channels, size)
@@ -62,3 +64,42 @@ def synthetic_batches(
             start = (a * world_size + rank) * batch_size
             yield {k: v[start : start + batch_size] for k, v in batch.items()}
         step += 1
+
+
+STATE_FORMAT = "latte-synthetic-v1"
+
+
+class SyntheticStream:
+    """``synthetic_batches`` with the loader's resumable interface: iterate for micro-batches;
+    ``state_dict()`` is the position (optimizer step and micro-batch within it), the same on every rank, so
+    a resumed stream continues exactly, under any rank layout when saved at a step boundary."""
+
+    def __init__(
+        self, seed: int, batch_size: int, num_classes: int, num_frames: int, channels: int, size: int,
+        rank: int = 0, world_size: int = 1, accumulation: int = 1,
+    ) -> None:  # fmt: skip
+        self.args = (seed, batch_size, num_classes, num_frames, channels, size)
+        self.layout = {"rank": rank, "world_size": world_size, "accumulation": accumulation}
+        self.seed, self.accumulation = seed, accumulation
+        self.taken = 0  # micro-batches handed out
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The stream from the current position on."""
+        start_step, skip = divmod(self.taken, self.accumulation)
+        stream = synthetic_batches(*self.args, **self.layout, start_step=start_step)
+        for _ in range(skip):
+            next(stream)
+        for batch in stream:
+            self.taken += 1  # counted when handed over
+            yield batch
+
+    def state_dict(self) -> dict[str, int | str]:
+        step, micro = divmod(self.taken, self.accumulation)
+        return {"format": STATE_FORMAT, "seed": self.seed, "step": step, "micro": micro}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; call it before iterating."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"synthetic stream state has format {found!r}, expected {STATE_FORMAT!r}")
+        self.taken = int(state["step"]) * self.accumulation + int(state["micro"])

@@ -86,8 +86,16 @@ class TrainConfig:
     zero_stage: str = "2"  # DeepSpeed ZeRO: "2", "3", "3_offload" (ds_configs/*.json) or a path to a JSON
     global_batch_size: int | None = None  # optional check: must equal micro x accumulation x data-parallel
     log_every: int = 50  # steps between metric reductions/prints (no per-step host sync)
-    ckpt_every: int = 10_000  # steps between checkpoints
+    ckpt_every: int = 10_000  # steps between checkpoints (and one at the end)
     results_dir: str = "./results"  # one run directory per job is created under it
+    # Checkpoints live outside the per-job run directories so that a rerun of the same command finds them.
+    ckpt_dir: str = ""  # "" = <results_dir>/checkpoints; holds step_XXXXXXXX/ dirs and the `latest` pointer
+    keep_last: int = 3  # complete checkpoints kept (the newest ones); `latest` is never removed
+    keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this (None: none)
+    resume: str = "auto"  # auto (newest complete checkpoint in ckpt_dir, else fresh) | none | a step/ckpt dir
+    # Config keys that may differ from the checkpoint's on resume, beyond the always-allowed ones
+    # (train.max_steps, log_every, ckpt_every, results_dir, ckpt_dir, keep_*, resume*), e.g. [train.lr].
+    resume_allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -290,8 +298,15 @@ def validate(cfg: Config) -> None:
             "train.max_steps",
             "train.log_every",
             "train.ckpt_every",
+            "train.keep_last",
         ],
     )
+    if cfg.train.keep_every is not None and cfg.train.keep_every < 1:
+        raise ConfigError(f"train.keep_every must be >= 1 or null, got {cfg.train.keep_every}")
+    valid_keys = _all_keys(cfg)
+    for key in cfg.train.resume_allow_changes:
+        if key not in valid_keys:
+            raise _unknown_key(key, cfg)
     if cfg.model.num_classes < 0:
         raise ConfigError(f"model.num_classes must be >= 0 (0 = unconditional), got {cfg.model.num_classes}")
     if cfg.data.num_workers < 0:

@@ -199,16 +199,19 @@ def lr_multiplier(cfg: Config, step: int) -> float:
     return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world: World):
+def build_engine(cfg: Config, model: torch.nn.Module, world: World, load_universal: bool = False):
     """model -> activation checkpointing -> ``deepspeed.initialize`` with AdamW and the warmup schedule.
 
     The optimizer is torch's AdamW (no JIT-compiled fused op), the LR schedule a LambdaLR stepped by the
-    engine at accumulation boundaries; both are saved in DeepSpeed checkpoints.
+    engine at accumulation boundaries; both are saved in DeepSpeed checkpoints. ``load_universal``: the
+    checkpoint to resume from is a universal one (made for a world-size change by ``latte.checkpoint``).
     """
     import deepspeed
 
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     ds_config = deepspeed_config(cfg, world.world_size, _fp16_supported())
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay

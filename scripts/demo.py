@@ -78,7 +78,7 @@ def main() -> None:
                  "--master_port", str(free_port()), "train.py", "--config", "configs/tiny.yaml", "--set",
                  f"data.index={latents / 'index.json'}", f"train.max_steps={args.steps}",
                  "train.log_every=20", "train.zero_stage=2", f"train.results_dir={out / 'runs'}",
-                 *args.overrides]  # fmt: skip
+                 "train.resume=none", *args.overrides]  # fmt: skip
     device = f"{gpus} GPU(s)" if gpus else "2 CPU ranks (gloo)"
     print(f"[3/3] training Latte-T/2 with DeepSpeed ZeRO-2 on {device}, {args.steps} steps ...", flush=True)
     log = run(train_cmd, env, out / "train.log")

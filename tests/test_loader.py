@@ -382,7 +382,7 @@ def test_train_batches_for_streams_the_index(toy, tmp_path):
 
     world = World(0, 1, 0, torch.device("cpu"))
     cfg = load_config("configs/tiny.yaml", [f"data.index={toy}", "data.num_workers=0"])
-    batch = next(batches_for(cfg, world))
+    batch = next(iter(batches_for(cfg, world)))
     assert batch["latent"].shape == (cfg.train.micro_batch_size, 4, 4, 8, 8) and batch["y"].shape == (8,)
     for override, message in [("data.image_size=128", "shape"), ("model.num_classes=3", "asks for 3"),
                               ("data.scaling_factor=0.5", "expects 0.5")]:  # fmt: skip

@@ -39,7 +39,7 @@ def _run(tmp_path: Path, name: str, world_size: int, overrides: list[str]) -> di
         "model.class_dropout_prob=0.0",
         "train.max_steps=4",
         "train.log_every=1",
-        f"train.results_dir={tmp_path}",
+        f"train.results_dir={tmp_path / name}",  # each run its own checkpoints (resume auto would find them)
     ]
     return run_ranks(train_and_collect, world_size, (base + overrides,), tmp_path / name)[0]
 
@@ -120,7 +120,7 @@ def test_deepspeed_launcher_zero3_bf16(tmp_path):
     out = _launch("deepspeed", ["train.max_steps=20", "train.zero_stage=3", "train.precision=bf16"], tmp_path)
     _check_run(out)
     assert "ZeRO 3" in out.stdout and "bf16" in out.stdout
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name != "checkpoints"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard events missing"
 
 

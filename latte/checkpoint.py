@@ -1,0 +1,372 @@
+"""Exactly resumable checkpoints: one manager, called by every rank, owns everything restartable.
+
+Layout of ``ckpt_dir`` (``train.ckpt_dir``, default ``<results_dir>/checkpoints``)::
+
+    step_00000040/
+        mp_rank_00_model_states.pt      DeepSpeed: module, LR scheduler, step counters (every rank calls)
+        *_optim_states.pt               DeepSpeed, per rank: optimizer shard, fp32 master weights, loss scaler
+        rank_00000.pt ...               per rank: EMA shard, RNG states, data-stream state
+        ema_consolidated.pt             rank 0: the full EMA in the model's key names
+        meta.json                       rank 0: step, samples, world size, ZeRO, precision, config (+ hash)
+        COMPLETE                        rank 0, after a barrier: every file's size (a manifest)
+    latest                              the newest complete tag (temp file + os.replace)
+
+A step directory counts only when ``COMPLETE`` exists and every file it lists has the listed size, so a
+directory a kill interrupted is never resumed from. ``find()`` picks the checkpoint (rank 0 decides and
+broadcasts, so every rank takes the same one and user errors are raised everywhere alike), ``load()``
+restores it after the engine is built, ``save()`` writes one and prunes old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latte.config import Config, ConfigError
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+MARKER = "COMPLETE"
+META = "meta.json"
+EMA_FULL = "ema_consolidated.pt"
+# Config keys that may change on resume without being listed: extending or re-pointing a run is normal.
+ALWAYS_ALLOWED = (
+    "train.max_steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.results_dir",
+    "train.ckpt_dir",
+    "train.keep_last",
+    "train.keep_every",
+    "train.resume",
+    "train.resume_allow_changes",
+)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; the message is one line naming the file or key."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The directory: tags, validity, choice, pruning (plain file-system functions, no process group)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int | None:
+    match = TAG_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def ckpt_dir_for(cfg: Config) -> Path:
+    return Path(cfg.train.ckpt_dir or Path(cfg.train.results_dir) / "checkpoints")
+
+
+def step_dirs(ckpt_dir: Path) -> list[Path]:
+    """Every ``step_XXXXXXXX`` directory, newest first (complete or not)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def is_complete(step_dir: Path) -> bool:
+    return (step_dir / MARKER).is_file()
+
+
+def problem(step_dir: Path) -> str | None:
+    """Why ``step_dir`` cannot be resumed from (one line naming the file), or None when it can."""
+    marker = step_dir / MARKER
+    if not marker.is_file():
+        return f"{step_dir} is incomplete (no {MARKER} marker: its writing was interrupted)"
+    try:
+        manifest = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{marker} is unreadable or malformed ({type(exc).__name__})"
+    for name, size in manifest.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"missing file {path}"
+        if path.stat().st_size != size:
+            return f"corrupt file {path}: {path.stat().st_size} bytes, {size} when written"
+    try:
+        meta = json.loads((step_dir / META).read_text())
+        meta["step"], meta["config"], meta["world_size"]  # noqa: B018 (the fields load() needs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{step_dir / META} is unreadable or malformed ({type(exc).__name__})"
+    return None
+
+
+def choose(resume: str, ckpt_dir: Path, warn=print) -> Path | None:
+    """The checkpoint ``resume`` names: "none" -> None; "auto" -> the newest valid complete one in
+    ``ckpt_dir`` (an invalid one: ``warn`` and take the previous) or None; a step dir -> it, or an error
+    naming the bad file; a checkpoint dir -> its newest complete one, or an error."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        for step_dir in step_dirs(ckpt_dir):
+            if not is_complete(step_dir):
+                continue  # a half-written directory is never a candidate
+            why = problem(step_dir)
+            if why is None:
+                return step_dir
+            warn(f"warning: skipping checkpoint {step_dir.name}: {why}")
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"no such checkpoint directory: {resume}")
+    if step_of(path) is None and not (path / MARKER).exists():  # a checkpoint dir: its newest complete one
+        complete = [p for p in step_dirs(path) if is_complete(p)]
+        if not complete:
+            raise CheckpointError(f"no complete checkpoint (step_XXXXXXXX/{MARKER}) in {resume}")
+        path = complete[0]
+    why = problem(path)
+    if why is not None:
+        raise CheckpointError(f"cannot resume from {path}: {why}")
+    return path
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep_every: int | None) -> list[Path]:
+    """Remove complete checkpoints beyond the ``keep_last`` newest (keeping multiples of ``keep_every`` and
+    the one ``latest`` names) and incomplete ones older than the newest complete one. Returns the removed."""
+    dirs = step_dirs(ckpt_dir)
+    complete = [p for p in dirs if is_complete(p)]
+    if not complete:
+        return []
+    pointer = ckpt_dir / "latest"
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    keep = {p.name for p in complete[:keep_last]} | ({latest} if latest else set())
+    if keep_every:
+        keep |= {p.name for p in complete if step_of(p) % keep_every == 0}
+    newest = step_of(complete[0])
+    doomed = [p for p in dirs if p.name not in keep and (is_complete(p) or step_of(p) < newest)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(universal_dir(path), ignore_errors=True)
+    return doomed
+
+
+def universal_dir(step_dir: Path) -> Path:
+    """Where the world-size-free (DeepSpeed "universal") copy of ``step_dir`` goes, made on first need."""
+    return step_dir.with_name(f"{step_dir.name}_universal")
+
+
+def make_universal(step_dir: Path) -> Path:
+    """Convert ``step_dir``'s DeepSpeed state to a universal checkpoint (once; temp name + rename)."""
+    out = universal_dir(step_dir)
+    if out.is_dir():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
+           "--output_folder", str(tmp), "--inject_missing_state"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(f"converting {step_dir} for another world size failed: {tail}")
+    os.replace(tmp, out)
+    return out
+
+
+def consolidated_model(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint in the model's key names (assembled from the ZeRO shards)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+
+
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: Config) -> list[str]:
+    """``key 'saved' != 'now'`` for every config value that differs and is not allowed to."""
+    allowed = set(ALWAYS_ALLOWED) | set(current.train.resume_allow_changes)
+    old, new = flat_config(saved), flat_config(current.to_dict())
+    return [
+        f"{key} {old.get(key)!r} != {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in allowed and old.get(key) != new.get(key)
+    ]
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)``, then rename onto ``path``: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG states (label dropout draws from the global torch RNG; noise and timesteps need none)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The manager
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Save / find / load / prune for one rank; every rank makes the same calls (they are collectives)."""
+
+    def __init__(self, cfg: Config, world) -> None:
+        self.cfg, self.world = cfg, world
+        self.dir = ckpt_dir_for(cfg)
+        self.saved_world_size: int | None = None  # of the checkpoint find() chose
+
+    @property
+    def reshard(self) -> bool:
+        """The chosen checkpoint was saved by another number of ranks: the engine must be built to load a
+        universal checkpoint (``build_engine(..., load_universal=True)``)."""
+        return self.saved_world_size not in (None, self.world.world_size)
+
+    def _say(self, text: str) -> None:
+        if self.world.is_main:
+            print(text, file=sys.stderr if text.startswith("warning") else sys.stdout, flush=True)
+
+    def _decide(self, fn) -> Any:
+        """``fn()`` on rank 0, its result (or its CheckpointError) on every rank."""
+        result: list[Any] = [None]
+        if self.world.is_main:
+            try:
+                result[0] = ("ok", fn())
+            except CheckpointError as exc:
+                result[0] = ("error", str(exc))
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(result, src=0)
+        status, value = result[0]
+        if status == "error":
+            raise CheckpointError(value)
+        return value
+
+    def find(self) -> Path | None:
+        """The checkpoint to resume from (``train.resume``), checked against this run's config; None = start
+        fresh. A collective; call it before building the engine (refusals are fast, ``reshard`` is known)."""
+        path = self._decide(self._find)
+        if path is not None:
+            self.saved_world_size = int(json.loads((path / META).read_text())["world_size"])
+        return path
+
+    def _find(self) -> Path | None:
+        path = choose(self.cfg.train.resume, self.dir, warn=self._say)
+        if path is None:
+            return None
+        meta = json.loads((path / META).read_text())
+        changes = config_changes(meta["config"], self.cfg)
+        if changes:
+            raise CheckpointError(
+                f"checkpoint {path.name} was made with a different config: {'; '.join(changes)} "
+                f"(allow with --set train.resume_allow_changes=[key,...])"
+            )
+        if meta["world_size"] != self.world.world_size:
+            make_universal(path)  # rank 0 converts once; the others wait in the broadcast
+        return path
+
+    def load(self, path: Path, engine, ema, data) -> int:
+        """Restore engine (module, optimizer, LR scheduler, loss scaler), EMA, RNG and data position from
+        ``path``; returns the step to continue from."""
+        ds_tag = universal_dir(path).name if self.reshard else path.name
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=ds_tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)  # fmt: skip
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load the engine state in {path.parent / ds_tag}")
+        # another world size: RNG of rank r % saved ranks; the data state is the same in every rank's file
+        source = self.world.rank % self.saved_world_size
+        state = torch.load(path / f"rank_{source:05d}.pt", map_location="cpu", weights_only=False)
+        if self.reshard:
+            ema.load_consolidated(torch.load(path / EMA_FULL, map_location="cpu", weights_only=True))
+        else:
+            ema.load_state_dict(state["ema"])
+        try:
+            data.load_state_dict(state["data"])
+        except (ValueError, RuntimeError) as exc:  # e.g. another dataset (the loader's one-line errors)
+            raise CheckpointError(f"checkpoint {path.name}: {exc}") from None
+        set_rng_state(state["rng"])
+        step = int(json.loads((path / META).read_text())["step"])
+        how = f" (saved by {self.saved_world_size} ranks, resharded)" if self.reshard else ""
+        self._say(f"resumed from {path} at step {step}{how}")
+        return step
+
+    def save(self, step: int, engine, ema, data) -> Path:
+        """Write checkpoint ``step`` (every rank its part), mark it complete, point ``latest`` at it and
+        prune. RNG-neutral: the global RNG states are as before the call, saved or not."""
+        rng = rng_state()
+        tag = tag_for(step)
+        step_dir = self.dir / tag
+        if self.world.is_main:  # a leftover of an interrupted run (or of a run started with resume none)
+            if step_dir.exists():
+                (step_dir / MARKER).unlink(missing_ok=True)
+                shutil.rmtree(step_dir)
+            step_dir.mkdir(parents=True)
+        self._barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"step": step}, save_latest=False)
+        own = {"ema": ema.state_dict(), "rng": rng, "data": data.state_dict(), "step": step}
+        atomic_write(step_dir / f"rank_{self.world.rank:05d}.pt", lambda tmp: torch.save(own, tmp))
+        full_ema = ema.consolidate()  # a collective: the copy export and world-size changes read
+        if self.world.is_main:
+            atomic_write(step_dir / EMA_FULL, lambda tmp: torch.save(full_ema, tmp))
+            t = self.cfg.train
+            meta = {
+                "step": step,
+                "samples_seen": step * t.micro_batch_size * t.gradient_accumulation_steps
+                * self.world.world_size,
+                "world_size": self.world.world_size,
+                "zero_stage": t.zero_stage,
+                "precision": t.precision,
+                "config_hash": self.cfg.hash(),
+                "config": self.cfg.to_dict(),
+            }  # fmt: skip
+            _write_text(step_dir / META, json.dumps(meta, indent=1))
+        self._barrier()  # every rank's files are written
+        if self.world.is_main:
+            files = {str(p.relative_to(step_dir)): p.stat().st_size
+                     for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != MARKER}  # fmt: skip
+            _write_text(step_dir / MARKER, json.dumps({"files": files}, indent=1))
+            _write_text(self.dir / "latest", tag)
+            prune(self.dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
+        set_rng_state(rng)
+        return step_dir
+
+    def _barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()

@@ -1,0 +1,69 @@
+"""Export a training checkpoint as plain weights in the model's (= the released checkpoints') key names.
+
+    python -m latte.export CKPT_DIR [--step N] OUT.pt            {"model": ..., "ema": ...}
+    python -m latte.export CKPT_DIR/step_00000040 OUT.safetensors [--ema-only]
+
+``OUT.pt`` holds ``{"model": state_dict, "ema": state_dict}`` (``--ema-only``: just ``{"ema": ...}``),
+each loadable with ``LATTE_MODELS[name](...).load_state_dict(sd, strict=True)``. safetensors has one flat
+namespace: keys are ``model.<key>`` / ``ema.<key>``, or the bare model keys with ``--ema-only``. Without
+``--step`` the newest complete checkpoint of CKPT_DIR is taken. Runs on one CPU process (no process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from latte import checkpoint as ckpt
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
+           ema_only: bool = False) -> Path:  # fmt: skip
+    """Write checkpoint ``source`` (a step dir, or a checkpoint dir + ``step`` / its newest) to ``out``."""
+    source, out = Path(source), Path(out)
+    if out.suffix not in (".pt", ".safetensors"):
+        raise ckpt.CheckpointError(f"output '{out}' must end in .pt or .safetensors")
+    step_dir = ckpt.choose(str(source / ckpt.tag_for(step) if step is not None else source), source)
+    weights = {"ema": torch.load(step_dir / ckpt.EMA_FULL, map_location="cpu", weights_only=True)}
+    if not ema_only:
+        weights["model"] = {k: v.float().contiguous() for k, v in ckpt.consolidated_model(step_dir).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".pt":
+        ckpt.atomic_write(out, lambda tmp: torch.save(weights, tmp))
+    else:
+        from safetensors.torch import save_file
+
+        flat = {f"{part}.{k}": v for part, sd in weights.items() for k, v in sd.items()}
+        meta = json.loads((step_dir / ckpt.META).read_text())
+        info = {"step": str(meta["step"]), "config_hash": meta["config_hash"],
+                "model": meta["config"]["model"]["name"]}  # fmt: skip
+        flat = weights["ema"] if ema_only else flat
+        ckpt.atomic_write(out, lambda tmp: save_file(flat, str(tmp), metadata=info))
+    return step_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint dir (train.ckpt_dir) or one step_XXXXXXXX dir in it")
+    parser.add_argument("out", help="OUT.pt or OUT.safetensors")
+    parser.add_argument("--step", type=int, help="the step to export (default: the newest complete one)")
+    parser.add_argument("--ema-only", action="store_true", help="only the EMA weights (what sampling uses)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import
+    try:
+        step_dir = export(args.checkpoint, args.out, args.step, args.ema_only)
+    except ckpt.CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {step_dir} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
