@@ -213,25 +213,31 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (host RSS)
 
 
+def _config_error(error: ConfigError, rank: int) -> int:
+    """One ``error:`` line per job, from rank 0. The other ranks (which found the same mistake) wait a moment
+    before exiting, so the launcher does not stop rank 0 for their exit before it has printed."""
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3.0)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         overrides = args.set + ([f"train.resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)  # every config mistake surfaces here, before any rendezvous
     except ConfigError as e:
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # one line per job
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _config_error(e, int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
     from latte.engine import setup_distributed
 
     world = setup_distributed()
     try:
         history, _, _ = train(cfg, world)
     except ConfigError as e:  # found while building (e.g. the DeepSpeed JSON): the same on every rank
-        if world.is_main:
-            print(f"error: {e}", file=sys.stderr)
         torch.distributed.destroy_process_group()
-        return 2
+        return _config_error(e, world.rank)
     except BaseException:
         # One failing rank must end the job, not leave the others waiting in a collective: print this rank's
         # traceback and exit at once; the launcher (deepspeed, torchrun, srun) then stops the other ranks.
