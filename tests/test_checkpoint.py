@@ -152,7 +152,8 @@ def assert_same_bits(a, b, where: str = "") -> int:
 
 
 @pytest.mark.parametrize(
-    "zero, precision, kill_during_save", [("2", "fp32", False), ("3", "fp32", True), ("2", "bf16", True)]
+    "zero, precision, kill_during_save",
+    [("2", "fp32", False), ("3", "fp32", True), ("2", "bf16", True), ("3", "bf16", False)],
 )
 def test_kill_9_and_resume_auto_gives_the_same_bits(tmp_path, zero, precision, kill_during_save):
     overrides = [f"train.zero_stage={zero}", f"train.precision={precision}"]
