@@ -91,6 +91,11 @@ def main() -> None:
     print(f"dataset: {latents / 'index.json'}")
     if run_dir:
         print(f"run: {run_dir.group(1)} (TensorBoard: tensorboard --logdir {run_dir.group(1)}/tensorboard)")
+    latest = out / "runs" / "checkpoints" / "latest"
+    if latest.exists():
+        tag = latest.read_text().strip()
+        again = "bash scripts/demo.sh --steps 400 -- train.resume=auto"
+        print(f"checkpoint: {latest.parent / tag} (continue the run: {again})")
     print(f"logs: {out / 'shard.log'}, {out / 'train.log'}; took {time.perf_counter() - start:.0f} s")
 
 
