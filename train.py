@@ -125,8 +125,9 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
     np.random.seed(cfg.train.seed)  # exact whatever library draws from them
     model = build_model(cfg)
     diffusion = build_diffusion(cfg)
-    frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}  # fp32 sin-cos tables
-    frozen = {name: p.detach().clone() for name, p in frozen.items()}
+    # fp32 sin-cos tables for the EMA, and the parameter count: before ZeRO-3 partitions (and bf16 casts) them
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(cfg, model, world, load_universal=checkpoints.reshard)
     ema = ShardedEMA(engine, cfg.train.ema_decay, frozen)  # starts as a copy of the synced initial weights
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
@@ -140,11 +141,11 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
     micro, accum, ws = t_cfg.micro_batch_size, t_cfg.gradient_accumulation_steps, world.world_size
     global_batch = micro * accum * ws
     latent_shape = (d_cfg.num_frames, cfg.model.in_channels, d_cfg.latent_size, d_cfg.latent_size)
-    flops = flops_per_sample(resolved_arch(cfg), d_cfg.num_frames, d_cfg.latent_size, cfg.model.in_channels,
+    arch = resolved_arch(cfg)
+    flops = flops_per_sample(arch, d_cfg.num_frames, d_cfg.latent_size, cfg.model.in_channels,
                              cfg.model.learn_sigma)  # fmt: skip
     peak, device_name = peak_flops(world.device, t_cfg.precision)
-    tokens_per_sample = d_cfg.num_frames * (d_cfg.latent_size // resolved_arch(cfg).patch_size) ** 2
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens_per_sample = d_cfg.num_frames * (d_cfg.latent_size // arch.patch_size) ** 2
     if world.is_main:
         peak_text = f"{peak:.3g} FLOP/s" if peak else "n/a"
         print(

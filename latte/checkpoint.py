@@ -252,7 +252,11 @@ class CheckpointManager:
     def __init__(self, cfg: Config, world) -> None:
         self.cfg, self.world = cfg, world
         self.dir = ckpt_dir_for(cfg)
-        self.saved_world_size: int | None = None  # of the checkpoint find() chose
+        self.saved_meta: dict[str, Any] | None = None  # meta.json of the checkpoint find() chose
+
+    @property
+    def saved_world_size(self) -> int | None:
+        return None if self.saved_meta is None else int(self.saved_meta["world_size"])
 
     @property
     def reshard(self) -> bool:
@@ -283,8 +287,7 @@ class CheckpointManager:
         """The checkpoint to resume from (``train.resume``), checked against this run's config; None = start
         fresh. A collective; call it before building the engine (refusals are fast, ``reshard`` is known)."""
         path = self._decide(self._find)
-        if path is not None:
-            self.saved_world_size = int(json.loads((path / META).read_text())["world_size"])
+        self.saved_meta = None if path is None else json.loads((path / META).read_text())
         return path
 
     def _find(self) -> Path | None:
@@ -322,7 +325,7 @@ class CheckpointManager:
         except (ValueError, RuntimeError) as exc:  # e.g. another dataset (the loader's one-line errors)
             raise CheckpointError(f"checkpoint {path.name}: {exc}") from None
         set_rng_state(state["rng"])
-        step = int(json.loads((path / META).read_text())["step"])
+        step = int(self.saved_meta["step"])
         how = f" (saved by {self.saved_world_size} ranks, resharded)" if self.reshard else ""
         self._say(f"resumed from {path} at step {step}{how}")
         return step
