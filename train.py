@@ -8,6 +8,10 @@
 A thin entry point: parse and validate the config (before any process group exists), set up the ranks,
 build model -> engine, loop, report. The loop holds no noise or loss math (``diffusion.training_losses``
 does) and syncs with the host only every ``log_every`` steps.
+
+Exit codes: 0 finished; 1 a rank failed (its traceback is printed); 2 a config or checkpoint mistake (one
+``error:`` line); 3 stopped by SIGUSR1/SIGTERM at an agreed step after writing a checkpoint (SLURM's
+warning before preemption or the time limit: requeue, and ``train.resume=auto`` continues the run).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from latte.builders import build_diffusion, build_model
 from latte.config import Config, ConfigError, load_config, resolved_arch
+from latte.preemption import EXIT_PREEMPTED, StopFlag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,9 +114,10 @@ def step_noise(cfg: Config, step: int, shape: tuple[int, ...], num_timesteps: in
     return t, torch.randn(shape, generator=generator, device=device)
 
 
-def train(cfg: Config, world) -> tuple[list[float], object, object]:
+def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float], object, object]:
     """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval, the
-    DeepSpeed engine and the sharded EMA."""
+    DeepSpeed engine and the sharded EMA. With ``stop``, a stop signal ends the loop early at a step boundary
+    agreed by all ranks, with a checkpoint (``stop.requested`` tells the caller)."""
     from latte.checkpoint import CheckpointManager
     from latte.ema import ShardedEMA
     from latte.engine import build_engine, set_grad_clip
@@ -156,6 +162,11 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
         )
 
     start_step = checkpoints.load(resume_from, engine, ema, data) if resume_from is not None else 0
+    if resume_from is None and world.is_main:
+        why = (
+            "train.resume=none" if t_cfg.resume == "none" else f"no complete checkpoint in {checkpoints.dir}"
+        )
+        print(f"starting at step 0 ({why})", flush=True)
     batches = iter(data)  # after load: the stream continues where the checkpoint's left off
     interval_loss = torch.zeros((), device=world.device)
     history: list[float] = []
@@ -200,8 +211,16 @@ def train(cfg: Config, world) -> tuple[list[float], object, object]:
             })  # fmt: skip
             interval_loss.zero_()
             data_wait, t0, interval_start = 0.0, time.perf_counter(), step + 1
-        if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.max_steps:
+        saved = (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.max_steps
+        if saved:
             checkpoints.save(step + 1, engine, ema, data)
+        if stop is not None and step + 1 < t_cfg.max_steps and stop.agreed():  # one tiny CPU all-reduce
+            if not saved:
+                checkpoints.save(step + 1, engine, ema, data)
+            if world.is_main:
+                print(f"stopped at step {step + 1} on request, checkpoint written (exit {EXIT_PREEMPTED}: "
+                      f"requeue; the next run resumes with train.resume=auto)", flush=True)  # fmt: skip
+            break
     logger.close()
     return history, engine, ema
 
@@ -225,6 +244,7 @@ def _config_error(error: ConfigError, rank: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopFlag()  # first: SIGUSR1's default action would kill the process
     args = parse_args(argv)
     try:
         overrides = args.set + ([f"train.resume={args.resume}"] if args.resume else [])
@@ -235,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     world = setup_distributed()
     try:
-        history, _, _ = train(cfg, world)
+        history, _, _ = train(cfg, world, stop)
     except ConfigError as e:  # found while building (e.g. the DeepSpeed JSON): the same on every rank
         torch.distributed.destroy_process_group()
         return _config_error(e, world.rank)
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if world.is_main and len(history) >= 2:
         print(f"loss {history[0]:.4f} (first interval) -> {history[-1]:.4f} (last interval)", flush=True)
     torch.distributed.destroy_process_group()
-    return 0
+    return EXIT_PREEMPTED if stop.requested else 0
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ ALWAYS_ALLOWED = (
     "train.resume",
     "train.resume_allow_changes",
 )
+ALWAYS_ALLOWED_SECTIONS = ("sample.",)  # sampling settings never affect training
 
 
 class CheckpointError(ConfigError):
@@ -177,6 +178,9 @@ def make_universal(step_dir: Path) -> Path:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise CheckpointError(f"converting {step_dir} for another world size failed: {tail}")
     os.replace(tmp, out)
+    (step_dir.parent / "latest_universal").unlink(
+        missing_ok=True
+    )  # the converter's pointer; ours is `latest`
     return out
 
 
@@ -204,7 +208,7 @@ def config_changes(saved: dict[str, Any], current: Config) -> list[str]:
     return [
         f"{key} {old.get(key)!r} != {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
-        if key not in allowed and old.get(key) != new.get(key)
+        if key not in allowed and not key.startswith(ALWAYS_ALLOWED_SECTIONS) and old.get(key) != new.get(key)
     ]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+SAMPLERS = ("ddpm", "ddim")
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
 ZERO_STAGES = ("2", "3", "3_offload")  # presets in ds_configs/ (latte.engine.ZERO_PRESETS)
 
@@ -99,11 +100,29 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    """``python -m latte.sample``; its flags override these. The step count is diffusion.sampling_steps."""
+
+    num_samples: int = 4  # videos to generate (sample i on rank i % world size)
+    classes: list[int] = field(default_factory=list)  # classes, cycled over the samples; [] = 0, 1, 2, ...
+    seed: int = 0  # sample i's noise depends on (seed, i) alone: not on the number of ranks
+    sampler: str = ""  # ddpm | ddim; "" = ddim when diffusion.sampling_steps is "ddimN", else ddpm
+    eta: float = 0.0  # DDIM noise: 0 = deterministic given x_T
+    cfg_scale: float = 1.0  # classifier-free guidance (eps channels); 1 = off (the reference: 7 on UCF101)
+    precision: str = "fp32"  # model compute: fp32 | bf16 (autocast) | fp16 (autocast, GPU only)
+    batch_size: int = 1  # samples per forward; batch j = samples [jB, jB + B) runs on rank j % world size
+    fps: int = 8  # frame rate of the written videos (the reference's 8)
+    total_frames: int = 0  # frames per video; 0 = data.num_frames; more = clips extended autoregressively
+    overlap: int | None = None  # latent frames a clip shares with the previous one; None = num_frames // 4
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,7 +237,7 @@ def _parse_override(item: str) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path``, then ``overrides`` ("key.sub=value"); then validate."""
-    cfg = Config()
+    data: Any = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -229,7 +248,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-        _apply(cfg, data, cfg)
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Defaults, then the nested mapping ``data`` (e.g. a checkpoint's saved config), then ``overrides``;
+    then validate."""
+    cfg = Config()
+    _apply(cfg, data, cfg)
     for item in overrides or []:
         _apply(cfg, _parse_override(item), cfg)
     validate(cfg)
@@ -338,6 +364,45 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.adam_betas must be two values in [0, 1), got {cfg.train.adam_betas}")
     for key in ("timestep_respacing", "sampling_steps"):
         _check_respacing(f"diffusion.{key}", getattr(cfg.diffusion, key), cfg.diffusion.diffusion_steps)
+    _validate_sample(cfg)
+
+
+def _validate_sample(cfg: Config) -> None:
+    s, classes = cfg.sample, cfg.model.num_classes
+    if s.sampler:
+        _choice("sample.sampler", s.sampler, SAMPLERS)
+    _choice("sample.precision", s.precision, PRECISIONS)
+    _positive(cfg, ["sample.num_samples", "sample.batch_size", "sample.fps"])
+    if s.eta < 0:
+        raise ConfigError(f"sample.eta must be >= 0, got {s.eta}")
+    if s.total_frames < 0:
+        raise ConfigError(f"sample.total_frames must be >= 0 (0 = data.num_frames), got {s.total_frames}")
+    frames = cfg.data.num_frames
+    if s.overlap is not None and not 1 <= s.overlap < frames:
+        raise ConfigError(f"sample.overlap must be in [1, data.num_frames {frames}), got {s.overlap}")
+    if s.total_frames > frames and frames < 2:
+        raise ConfigError(f"sample.total_frames {s.total_frames} needs clips of >= 2 frames to overlap")
+    if s.classes and not classes:
+        raise ConfigError("sample.classes given, but the model is unconditional (model.num_classes 0)")
+    for c in s.classes:
+        if not 0 <= c < classes:
+            raise ConfigError(f"class {c} is out of range: the model has {classes} classes, 0..{classes - 1}")
+    if s.cfg_scale < 0:
+        raise ConfigError(f"sample.cfg_scale must be >= 0, got {s.cfg_scale}")
+    if s.cfg_scale != 1.0 and not classes:
+        raise ConfigError("sample.cfg_scale guides class-conditional models; model.num_classes is 0")
+    if s.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
+        raise ConfigError(
+            "sample.cfg_scale needs the 'no class' label, which a model trained with "
+            "model.class_dropout_prob 0 does not have"
+        )
+
+
+def sampler_of(cfg: Config) -> str:
+    """The sampling loop: sample.sampler, or by default ddim for a "ddimN" respacing and ddpm otherwise."""
+    if cfg.sample.sampler:
+        return cfg.sample.sampler
+    return "ddim" if cfg.diffusion.sampling_steps.startswith("ddim") else "ddpm"
 
 
 def _check_respacing(key: str, value: str, steps: int) -> None:

@@ -151,29 +151,39 @@ def assert_same_bits(a, b, where: str = "") -> int:
     return 0
 
 
+def _kill_9(proc: subprocess.Popen, ck: Path, after: int, during_save: bool) -> tuple[int, str]:
+    """SIGKILL the whole job once checkpoint ``after`` is complete: at a random moment or inside a later save;
+    returns the newest complete step left and the job's output."""
+    _wait_for(lambda: (ck / tag_for(after) / "COMPLETE").exists(), proc)
+    if during_save:  # the moment a later step dir exists but is not complete yet
+        _wait_for(lambda: any((ck / tag_for(s)).exists() and not (ck / tag_for(s) / "COMPLETE").exists()
+                              for s in range(after + EVERY, STEPS, EVERY)), proc)  # fmt: skip
+    else:
+        time.sleep(random.uniform(0.0, 1.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    complete = sorted(p.name for p in ck.glob("step_*") if (p / "COMPLETE").exists())
+    if during_save:  # polled every 2 ms, a save takes far longer: the kill lands inside it
+        assert any(not (p / "COMPLETE").exists() for p in ck.glob("step_*")), "the kill missed the save"
+    assert tag_for(STEPS) not in complete, "the kill came too late to test anything"
+    return int(complete[-1][5:]), out
+
+
 @pytest.mark.parametrize(
     "zero, precision, kill_during_save",
     [("2", "fp32", False), ("3", "fp32", True), ("2", "bf16", True), ("3", "bf16", False)],
 )
 def test_kill_9_and_resume_auto_gives_the_same_bits(tmp_path, zero, precision, kill_during_save):
+    """Two kills per run (one at a random moment, one inside a save, in either order), each resumed."""
     overrides = [f"train.zero_stage={zero}", f"train.precision={precision}"]
     unbroken = _start(tmp_path / "unbroken", overrides)
     broken = tmp_path / "broken"
-    killed = _start(broken, overrides)
     ck = broken / "checkpoints"
-    _wait_for(lambda: (ck / tag_for(2 * EVERY) / "COMPLETE").exists(), killed)
-    if kill_during_save:  # the moment a later step dir exists but is not complete yet
-        _wait_for(lambda: any((ck / tag_for(s)).exists() and not (ck / tag_for(s) / "COMPLETE").exists()
-                              for s in range(3 * EVERY, STEPS, EVERY)), killed)  # fmt: skip
-    else:
-        time.sleep(random.uniform(0.0, 1.5))
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.communicate()
-    complete = sorted(p.name for p in ck.glob("step_*") if (p / "COMPLETE").exists())
-    if kill_during_save:  # polled every 2 ms, a save takes far longer: the kill lands inside it
-        assert any(not (p / "COMPLETE").exists() for p in ck.glob("step_*")), "the kill missed the save"
-    assert tag_for(STEPS) not in complete, "the kill came too late to test anything"
-    newest = int(complete[-1][5:])
+    first, _ = _kill_9(_start(broken, overrides), ck, 2 * EVERY, kill_during_save)
+    newest, out = _kill_9(
+        _start(broken, overrides, "--resume", "auto"), ck, first + EVERY, not kill_during_save
+    )
+    assert f"resumed from {ck / tag_for(first)} at step {first}" in out, out[-3000:]
     half = ck / tag_for(newest + EVERY)  # a half-written newer dir: never chosen, overwritten when reached
     half.mkdir(exist_ok=True)
     (half / "rank_00000.pt").write_bytes(b"garbage")
@@ -257,3 +267,70 @@ def test_world_size_change_2_to_1_and_export(tmp_path):
     saved = torch.load(ck2 / tag_for(10) / "ema_consolidated.pt")
     assert ema.keys() == saved.keys() and all(torch.equal(ema[k], v) for k, v in saved.items())
     assert export_main([str(ck2), "--step", "30", str(tmp_path / "x.pt")]) == 2
+
+
+def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_is_exact(tmp_path):
+    """SLURM's warning signal reaches one rank: every rank stops at the same step boundary, a checkpoint is
+    written there (not on the ckpt_every grid), the job exits 3; the resumed run ends bit-equal. Trained on
+    real shards streamed by 2 loader workers per rank, so the loader's position is resumed exactly too."""
+    import psutil
+    from make_shards import make_dataset
+
+    make_dataset(str(tmp_path / "data"), [20] * 6)  # 120 samples: the 60 steps x 16 run 8 epochs
+    data = f"data.index={tmp_path / 'data' / 'index.json'}"
+    overrides = ["train.zero_stage=3", "train.ckpt_every=1000", data, "data.num_workers=2",
+                 "data.shuffle_buffer=16"]  # fmt: skip
+    unbroken = _start(tmp_path / "unbroken", overrides)
+    broken = tmp_path / "broken"
+    stopped = _start(broken, overrides)
+    _wait_for(lambda: any(broken.glob("*/config.yaml")), stopped)  # the run dir: the engine is built
+    time.sleep(random.uniform(0.5, 2.0))
+    (launch,) = psutil.Process(stopped.pid).children()  # runner -> launch -> ranks -> loader workers
+    ranks = {int(p.cmdline()[3].split("=")[1]): p for p in launch.children()}  # --local_rank=R
+    workers = ranks[1].children()
+    assert sorted(ranks) == [0, 1] and len(workers) == 2, [p.cmdline() for p in ranks.values()]
+    for process in (ranks[1], workers[0]):  # as `scancel -s USR1` does: every process of the step
+        process.send_signal(signal.SIGUSR1)
+    out, _ = stopped.communicate(timeout=240)
+    assert stopped.returncode == 3, out[-3000:]
+    ck = broken / "checkpoints"
+    (tag,) = [p.name for p in ck.glob("step_*")]
+    step = int(tag[5:])
+    assert 0 < step < STEPS and (ck / "latest").read_text() == tag and (ck / tag / "COMPLETE").is_file()
+    assert f"stopped at step {step} on request" in out and "received SIGUSR1" in out, out[-3000:]
+    out = _finish(_start(broken, overrides))
+    assert f"resumed from {ck / tag} at step {step}" in out, out[-3000:]
+    _finish(unbroken)
+    a, b = tmp_path / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS)
+    files = sorted(p.name for p in a.glob("*.pt"))
+    assert files == sorted(p.name for p in b.glob("*.pt")) and "ema_consolidated.pt" in files
+    for name in files:
+        assert_same_bits(torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False),
+                         name)  # fmt: skip
+
+
+def test_world_size_change_1_to_2_under_zero_3(tmp_path):
+    """A 1-rank ZeRO-3 checkpoint resumed on 2 ranks (universal conversion, EMA re-sharded, the synthetic
+    stream re-split at the step boundary): training continues from the step, on the same data, and follows
+    the 1-rank run to fp32 rounding."""
+    same = ["model.class_dropout_prob=0.0", "train.zero_stage=3", "train.ckpt_every=10", "train.log_every=10"]
+    one = _one_process(tmp_path / "one", *same, "train.max_steps=20", "train.micro_batch_size=8")
+    assert one.returncode == 0, one.stderr[-3000:]
+    ck1, ck2 = tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints"
+    ck2.mkdir(parents=True)
+    shutil.copytree(ck1 / tag_for(10), ck2 / tag_for(10))
+    allow = "train.resume_allow_changes=[train.micro_batch_size]"
+    two = _finish(
+        _start(tmp_path / "two", [*same, "train.max_steps=20", "train.micro_batch_size=4", allow])
+    )  # same global batch
+    assert f"resumed from {ck2 / tag_for(10)} at step 10 (saved by 1 ranks, resharded)" in two, two[-3000:]
+    assert "step      20" in two and "step      10 |" not in two  # continued, not restarted
+    assert sorted(p.name for p in (ck2 / tag_for(20)).glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert not (ck2 / "latest_universal").exists()  # DeepSpeed's converter's pointer is removed
+    a = torch.load(ck1 / tag_for(20) / "ema_consolidated.pt", weights_only=True)
+    b = torch.load(ck2 / tag_for(20) / "ema_consolidated.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    data = torch.load(ck2 / tag_for(20) / "rank_00001.pt", weights_only=False)["data"]
+    assert data["step"] == 20 and data["micro"] == 0

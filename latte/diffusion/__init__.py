@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, mean_flat
+from .gaussian_diffusion import (
+    GaussianDiffusion,
+    KnownFrames,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    mean_flat,
+)
 from .likelihoods import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
 from .respace import SpacedDiffusion, space_timesteps
 from .schedules import betas_for_alpha_bar, get_beta_schedule, get_named_beta_schedule
 
 __all__ = [
     "GaussianDiffusion",
+    "KnownFrames",
     "LossType",
     "ModelMeanType",
     "ModelVarType",

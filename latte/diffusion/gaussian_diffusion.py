@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from .likelihoods import discretized_gaussian_log_likelihood, normal_kl
 __all__ = [
     "CHANNEL_DIM",
     "GaussianDiffusion",
+    "KnownFrames",
     "LossType",
     "ModelMeanType",
     "ModelVarType",
@@ -35,6 +37,9 @@ CHANNEL_DIM = 2
 
 #: ``model(x, t, **kwargs)``: a tensor, or a tuple whose first element is the tensor.
 ModelFn = Callable[..., Any]
+
+#: One generator for the batch, or one per sample (row i's noise from generator i), or None (global RNG).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class ModelMeanType(enum.Enum):
@@ -93,9 +98,40 @@ def _extract_into_tensor(
     return res + torch.zeros(tuple(broadcast_shape), device=timesteps.device)
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn(
+    shape: Sequence[int], generator: Generators, dtype: torch.dtype | None, device: torch.device | None
+) -> torch.Tensor:
+    """Standard normal noise of ``shape``, from ``generator``; with one generator per sample, row i comes from
+    generator i alone, so a sample's noise does not depend on which other samples share its batch."""
+    if isinstance(generator, Sequence):
+        assert len(generator) == shape[0], f"{len(generator)} generators for a batch of {shape[0]}"
+        rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=device) for g in generator]
+        return torch.stack(rows)  # N x (F, C, H, W) -> (N, F, C, H, W)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal noise of x's shape, dtype and device, drawn from ``generator`` if one is given."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return _randn(x.shape, generator, x.dtype, x.device)
+
+
+@dataclass(frozen=True)
+class KnownFrames:
+    """Frames of x_0 that sampling holds fixed: conditioning by replacement (Ho et al. 2022, "Video Diffusion
+    Models", sec. 3.1), e.g. the frames a new clip shares with the previous one.
+
+    Before each denoising step at t, the known frames of x_t are replaced by a fresh draw from q(x_t | x_0) of
+    their values, so the model sees them at the noise level it expects and denoises the unknown frames
+    consistently with them; after the last step they are set to the values themselves.
+    """
+
+    x0: torch.Tensor  # (N, F, C, H, W) clean values; only the frames in ``mask`` are read
+    mask: torch.Tensor  # (F,) bool, True = known frame
+
+    def put(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x with its known frames taken from ``values`` (both (N, F, C, H, W))."""
+        mask = self.mask.to(x.device).view(1, -1, 1, 1, 1)  # (F,) -> (1, F, 1, 1, 1)
+        return torch.where(mask, values, x)
 
 
 def _split_learned_variance(model_output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,7 +419,7 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         cond_fn: ModelFn | None = None,
     ) -> dict[str, torch.Tensor]:
         """Draw x_{t-1} ~ p(x_{t-1} | x_t); no noise is added where t == 0.
@@ -412,8 +448,9 @@ class GaussianDiffusion:
         model_kwargs: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         cond_fn: ModelFn | None = None,
+        known: KnownFrames | None = None,
     ) -> torch.Tensor:
         """Ancestral sampling through every timestep of this diffusion.
 
@@ -422,7 +459,9 @@ class GaussianDiffusion:
             noise: initial x_T; drawn from ``generator`` when None.
             device: where samples live; defaults to the noise's, then the model's device, then CPU.
             progress: show a tqdm bar.
-            generator: used for every noise draw, so a seeded generator makes sampling deterministic.
+            generator: used for every noise draw, so a seeded generator makes sampling deterministic; a list
+                of generators, one per sample, makes each sample's noise independent of its batch.
+            known: frames of x_0 to hold fixed (``KnownFrames``), e.g. to extend a video; None = none.
 
         Returns:
             the final samples, a tensor of ``shape`` (no autograd graph).
@@ -438,6 +477,7 @@ class GaussianDiffusion:
             progress,
             generator,
             cond_fn,
+            known=known,
         )
         return _last_sample(steps)
 
@@ -458,19 +498,24 @@ class GaussianDiffusion:
         noise: torch.Tensor | None,
         device: torch.device | str | None,
         progress: bool,
-        generator: torch.Generator | None,
+        generator: Generators,
         cond_fn: ModelFn | None,
         step_kwargs: dict[str, Any],
+        known: KnownFrames | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The shared sampling loop: x_T (given or drawn), then ``step`` from t = T-1 down to 0, yielding each
-        step's output dict."""
+        step's output dict. ``known`` frames are put in at every step's noise level and, clean, at the end."""
         assert isinstance(shape, (tuple, list, torch.Size)), "shape must be a tuple or list"
         dev = _infer_device(model, noise, device)
-        img = noise if noise is not None else torch.randn(tuple(shape), generator=generator, device=dev)
+        img = noise if noise is not None else _randn(shape, generator, None, dev)
         for i in self._timestep_iter(progress):
             t = torch.tensor([i] * shape[0], device=dev)
             with torch.no_grad():
+                if known is not None:  # the known frames as the forward process has them at t (fresh noise)
+                    img = known.put(self.q_sample(known.x0, t, noise=_randn_like(known.x0, generator)), img)
                 out = step(model, img, t, generator=generator, cond_fn=cond_fn, **step_kwargs)
+            if known is not None and i == 0:
+                out = {**out, "sample": known.put(known.x0, out["sample"])}
             yield out
             img = out["sample"]
 
@@ -484,13 +529,14 @@ class GaussianDiffusion:
         model_kwargs: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         cond_fn: ModelFn | None = None,
+        known: KnownFrames | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``p_sample_loop`` but yields each step's ``p_sample`` output dict, from t = T-1 down to 0."""
         step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         return self._progressive(
-            self.p_sample, model, shape, noise, device, progress, generator, cond_fn, step_kwargs
+            self.p_sample, model, shape, noise, device, progress, generator, cond_fn, step_kwargs, known
         )
 
     # ------------------------------------------------------------------ DDIM sampling
@@ -504,7 +550,7 @@ class GaussianDiffusion:
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         cond_fn: ModelFn | None = None,
     ) -> dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12); eta = 0 is deterministic.
@@ -573,8 +619,9 @@ class GaussianDiffusion:
         device: torch.device | str | None = None,
         progress: bool = False,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         cond_fn: ModelFn | None = None,
+        known: KnownFrames | None = None,
     ) -> torch.Tensor:
         """DDIM sampling through every timestep of this diffusion (respace it for fewer steps).
 
@@ -595,6 +642,7 @@ class GaussianDiffusion:
             eta,
             generator,
             cond_fn,
+            known=known,
         )
         return _last_sample(steps)
 
@@ -609,15 +657,16 @@ class GaussianDiffusion:
         device: torch.device | str | None = None,
         progress: bool = False,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         cond_fn: ModelFn | None = None,
+        known: KnownFrames | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``ddim_sample_loop`` but yields each step's ``ddim_sample`` output dict."""
         step_kwargs = dict(
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta
         )
         return self._progressive(
-            self.ddim_sample, model, shape, noise, device, progress, generator, cond_fn, step_kwargs
+            self.ddim_sample, model, shape, noise, device, progress, generator, cond_fn, step_kwargs, known
         )
 
     # ------------------------------------------------------------------ losses

@@ -1,0 +1,136 @@
+"""Checkpoint save/load time vs plain file I/O of the same bytes, and EMA bytes per rank, in one run.
+
+    python benchmarks/checkpoint_io.py [--model Latte-S/2 --stages 2 3 --worlds 1 2 --dir /tmp/ckpt_bench]
+
+For each ZeRO stage and world size, CPU gloo ranks (tests/dist.py) build the engine train.py builds, take one
+optimizer step (so Adam's moments exist), then time, barrier to barrier:
+``save``: ``CheckpointManager.save`` (DeepSpeed engine state, per-rank EMA shard + RNG + data state, the
+consolidated EMA, meta, COMPLETE manifest, ``latest``); ``plain write``: every rank writing its share of the
+same number of bytes from a memory buffer to one file (open/write/close, no fsync, like torch.save);
+``load``: ``CheckpointManager.load`` into the built engine; ``plain read``: every rank reading its share of
+the checkpoint's files. Reads hit the page cache in both columns (the files were just written). The EMA
+column is this rank's EMA bytes over the full fp32 EMA (expect 1 / world size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))
+
+from dist import run_ranks  # noqa: E402
+
+
+def _barrier_time(fn) -> float:
+    """Seconds from a barrier before ``fn()`` to a barrier after it (the slowest rank's time)."""
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    fn()
+    torch.distributed.barrier()
+    return time.perf_counter() - start
+
+
+def _plain_write(path: Path, nbytes: int) -> None:
+    buffer = bytearray(nbytes)
+    with open(path, "wb") as f:
+        f.write(buffer)
+
+
+def _plain_read(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            total += len(f.read())
+    return total
+
+
+def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
+    from data_pipeline.synthetic import SyntheticStream
+    from latte.builders import build_diffusion, build_model
+    from latte.checkpoint import CheckpointManager, tag_for
+    from latte.config import load_config
+    from latte.ema import ShardedEMA
+    from latte.engine import build_engine, setup_distributed
+
+    cfg = load_config(None, [f"model.name={model}", "model.num_classes=101", "data.num_frames=16",
+                             "data.image_size=256", "train.micro_batch_size=1", f"train.zero_stage={zero}",
+                             f"train.ckpt_dir={ckpt_dir}", "train.keep_last=10"])  # fmt: skip
+    world = setup_distributed()
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    full_ema_bytes = 4 * sum(p.numel() for p in net.parameters() if p.requires_grad)
+    engine = build_engine(cfg, net, world)
+    ema = ShardedEMA(engine, cfg.train.ema_decay, frozen)
+    data = SyntheticStream(0, 1, 101, 16, 4, 32, rank=world.rank, world_size=world.world_size)
+    diffusion = build_diffusion(cfg)
+    x = torch.randn(1, 16, 4, 32, 32)  # (B, F, C, h, w)
+    loss = diffusion.training_losses(engine, x, torch.tensor([500]), {"y": torch.tensor([3])})["loss"].mean()
+    engine.backward(loss)
+    engine.step()
+    ema.update()
+
+    manager = CheckpointManager(cfg, world)
+    save_s = _barrier_time(lambda: manager.save(1, engine, ema, data))
+    step_dir = Path(ckpt_dir) / tag_for(1)
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    share = total // world.world_size
+    scratch = Path(ckpt_dir) / f"plain_{world.rank}.bin"
+    write_s = _barrier_time(lambda: _plain_write(scratch, share))
+    scratch.unlink()
+
+    manager.find()
+    load_s = _barrier_time(lambda: manager.load(step_dir, engine, ema, data))
+    mine = files[world.rank :: world.world_size]
+    read_s = _barrier_time(lambda: _plain_read(mine))
+    torch.distributed.destroy_process_group()
+    return {"save": save_s, "write": write_s, "load": load_s, "read": read_s, "bytes": total,
+            "ema": ema.local_bytes() / full_ema_bytes}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="Latte-S/2")
+    parser.add_argument("--stages", nargs="+", default=["2", "3"])
+    parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_bench_"))
+    rows = []
+    for zero in args.stages:
+        for world in args.worlds:
+            out = scratch / f"zero{zero}_w{world}"
+            shutil.rmtree(out, ignore_errors=True)
+            results = run_ranks(rank_main, world, (args.model, zero, str(out / "ckpt")), out / "results")
+            rows.append((zero, world, results))
+            shutil.rmtree(out, ignore_errors=True)
+    print(
+        f"\n{args.model} (101 classes), CPU gloo ranks, torch {torch.__version__}; times barrier to barrier"
+    )
+    print(
+        "| ZeRO | ranks | checkpoint MB | save s | plain write s | save / write | load s | plain read s "
+        "| load / read | EMA bytes per rank / full |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for zero, world, results in rows:
+        r = results[0]
+        ema = " / ".join(f"{x['ema']:.3f}" for x in results)
+        save, load = r["save"] / r["write"], r["load"] / r["read"]
+        print(f"| {zero} | {world} | {r['bytes'] / 1e6:.0f} | {r['save']:.2f} | {r['write']:.2f} | "
+              f"{save:.1f}x | {r['load']:.2f} | {r['read']:.2f} | {load:.1f}x | {ema} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
