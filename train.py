@@ -59,7 +59,7 @@ def make_run_dir(cfg: Config) -> Path:
     root = Path(cfg.train.results_dir)
     root.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name).strip("-")
-    index = len([p for p in root.iterdir() if p.is_dir()])
+    index = len([p for p in root.iterdir() if p.is_dir() and re.match(r"\d{3}-", p.name)])  # not checkpoints/
     while True:
         run_dir = root / f"{index:03d}-{tag}"
         try:
