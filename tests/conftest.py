@@ -44,3 +44,26 @@ def s3_bucket(seaweed, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return seaweed.make_bucket(f"test-bucket-{os.getpid()}-{next(_bucket_ids)}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# SLURM: a real one-node cluster on localhost for the session (tests/slurm_cluster.py)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """slurmctld + slurmd (Debian's SLURM 22.05, installed by scripts/install_slurm.sh) on free ports, with
+    config and state in a temporary directory; stopped by pid at the end of the session."""
+    from slurm_cluster import SlurmCluster, missing_commands
+
+    missing = missing_commands()
+    if missing:
+        pytest.skip(f"SLURM TESTS SKIPPED: {', '.join(missing)} not installed; run scripts/install_slurm.sh "
+                    "as root (scripts/test.sh does)")  # fmt: skip
+    if os.geteuid() != 0:
+        pytest.skip("SLURM TESTS SKIPPED: the one-node test cluster runs slurmd as root")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
