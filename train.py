@@ -54,9 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_run_dir(cfg: Config) -> Path:
-    """results_dir/NNN-<model>: a fresh directory per job, holding the resolved config."""
+def make_run_dir(cfg: Config, resumed_meta: dict | None = None) -> Path:
+    """results_dir/NNN-<model>: a fresh directory per run, holding the resolved config and TensorBoard events.
+    A resumed run continues in the directory its checkpoint was written from (one curve across restarts)."""
     root = Path(cfg.train.results_dir)
+    previous = (resumed_meta or {}).get("run_dir")
+    if previous and (root / previous).is_dir():
+        cfg.save(root / previous / "config.yaml")
+        return root / previous
     root.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name).strip("-")
     index = len([p for p in root.iterdir() if p.is_dir() and re.match(r"\d{3}-", p.name)])  # not checkpoints/
@@ -141,7 +146,8 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
     def model_fn(x_t, t, **kwargs):  # diffusion math in fp32, the network in the engine's precision
         return engine(x_t.to(compute_dtype), t, **kwargs).float()
 
-    run_dir = make_run_dir(cfg) if world.is_main else None
+    run_dir = make_run_dir(cfg, checkpoints.saved_meta) if world.is_main else None
+    checkpoints.run_dir = run_dir
     logger = MetricsLogger(run_dir, world.is_main)
     t_cfg, d_cfg = cfg.train, cfg.data
     micro, accum, ws = t_cfg.micro_batch_size, t_cfg.gradient_accumulation_steps, world.world_size

@@ -257,6 +257,7 @@ class CheckpointManager:
         self.cfg, self.world = cfg, world
         self.dir = ckpt_dir_for(cfg)
         self.saved_meta: dict[str, Any] | None = None  # meta.json of the checkpoint find() chose
+        self.run_dir: Path | None = None  # the run directory (rank 0), recorded so a resume continues in it
 
     @property
     def saved_world_size(self) -> int | None:
@@ -361,6 +362,7 @@ class CheckpointManager:
                 "zero_stage": t.zero_stage,
                 "precision": t.precision,
                 "config_hash": self.cfg.hash(),
+                "run_dir": self.run_dir.name if self.run_dir else None,
                 "config": self.cfg.to_dict(),
             }  # fmt: skip
             _write_text(step_dir / META, json.dumps(meta, indent=1))

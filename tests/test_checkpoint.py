@@ -300,6 +300,8 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_
     assert f"stopped at step {step} on request" in out and "received SIGUSR1" in out, out[-3000:]
     out = _finish(_start(broken, overrides))
     assert f"resumed from {ck / tag} at step {step}" in out, out[-3000:]
+    (run_dir,) = [p for p in broken.iterdir() if p.name not in ("checkpoints", "data")]
+    assert f"run dir {run_dir} |" in out  # the resumed run logs on in the same directory (TensorBoard)
     _finish(unbroken)
     a, b = tmp_path / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS)
     files = sorted(p.name for p in a.glob("*.pt"))
