@@ -8,28 +8,14 @@ stored pair, and decoding divides by the index's factor. The factor comes from `
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from latte.vae import VaeError, load_autoencoder, resolve_dtype
 
-
-class VaeError(RuntimeError):
-    """A VAE that cannot be loaded or used; one line naming it."""
-
-
-def resolve_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
-    """``auto``: fp32 on CPU; bf16 on a GPU that supports it, else fp16."""
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name != "auto":
-        return table[name]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+__all__ = ["LatentEncoder", "VaeError", "load_vae", "resolve_dtype"]
 
 
 @dataclass
@@ -95,16 +81,6 @@ class LatentEncoder:
         return mean.half().numpy(), std.half().numpy()
 
 
-def _subfolder(vae_id: str, subfolder: str | None) -> str | None:
-    """A local pipeline directory (``DIR/vae/config.json``, no ``DIR/config.json``) means its ``vae``."""
-    if subfolder is not None:
-        return subfolder or None
-    root = Path(vae_id)
-    if root.is_dir() and not (root / "config.json").is_file() and (root / "vae" / "config.json").is_file():
-        return "vae"
-    return None
-
-
 def load_vae(
     vae_id: str,
     device: str | torch.device = "cpu",
@@ -117,21 +93,7 @@ def load_vae(
 
     Raises ``VaeError`` with one line if it cannot be loaded.
     """
-    from diffusers import AutoencoderKL
-
     device = torch.device(device)
-    torch_dtype = resolve_dtype(device, dtype)
-    try:
-        vae = AutoencoderKL.from_pretrained(
-            vae_id, subfolder=_subfolder(vae_id, subfolder), torch_dtype=torch_dtype, low_cpu_mem_usage=False
-        )
-    except Exception as exc:  # diffusers/hub raise OSError, ValueError, HTTP errors...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VaeError(f"cannot load the VAE '{vae_id}': {reason}") from None
-    if torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        log.warning("VAE %s asks for fp32 (force_upcast: it overflows in fp16); encoding in fp32", vae_id)
-        torch_dtype = torch.float32
-        vae = vae.float()
-    vae = vae.to(device).eval().requires_grad_(False)
+    vae, torch_dtype = load_autoencoder(vae_id, device, dtype, subfolder)
     factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
     return LatentEncoder(vae, factor, device, torch_dtype, batch_frames)

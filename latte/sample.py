@@ -1,0 +1,210 @@
+"""Sample videos from a trained Latte: EMA weights -> DDPM/DDIM (+ guidance) -> VAE decode ÷ factor -> mp4.
+
+    python -m latte.sample CKPT_DIR_OR_STEP_DIR --vae VAE --out samples/ [--num-samples 8] [--classes 3,77]
+    python -m latte.sample weights.pt --config configs/ucf101.yaml --vae VAE --cfg-scale 7
+    python -m latte.sample CKPT --vae VAE --sampler ddim --steps 50 --total-frames 64 --overlap 4
+    torchrun --nproc_per_node 8 -m latte.sample ...        (or srun: samples are split among the ranks)
+
+The config is the checkpoint's own (``meta.json``) unless ``--config`` is given; ``--set key=value`` and the
+flags below override it (they set ``sample.*`` / ``diffusion.sampling_steps``). Writes one
+``sample_XXXX.mp4`` per sample, ``grid.mp4`` + ``grid.gif`` of all of them, ``samples.json`` (what was
+sampled, how) and with ``--save-latents`` the latents ``sample_XXXX.npy`` (T, C, h, w), scaled as the model
+sees them. Mistakes (a bad class, weights that do not fit the config, a missing VAE) end the run before any
+sampling with one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latte.builders import build_diffusion, build_model
+from latte.checkpoint import atomic_write
+from latte.config import Config, ConfigError, sampler_of
+from latte.models import Latte
+from latte.sampling import decoding, media
+from latte.sampling.generate import class_of, rank_samples, steps_per_batch, total_frames
+from latte.sampling.progress import Progress
+from latte.sampling.ranks import batches_of, end_group, gather_to_main, ranks_from_env, start_group
+from latte.sampling.weights import WEIGHTS, check_fits, load_source
+from latte.vae import VaeError, decode, load_autoencoder
+
+FLAGS = {  # flag -> the config key it sets
+    "num_samples": "sample.num_samples",
+    "seed": "sample.seed",
+    "sampler": "sample.sampler",
+    "steps": "diffusion.sampling_steps",
+    "eta": "sample.eta",
+    "cfg_scale": "sample.cfg_scale",
+    "precision": "sample.precision",
+    "batch_size": "sample.batch_size",
+    "fps": "sample.fps",
+    "total_frames": "sample.total_frames",
+    "overlap": "sample.overlap",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a checkpoint dir (its newest complete step), a step_XXXXXXXX dir, or "
+                   "an exported .pt / .safetensors (then --config is needed)")  # fmt: skip
+    p.add_argument("--config", help="YAML config (default: the one saved in the checkpoint's meta.json)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set model.attention=sdpa")  # fmt: skip
+    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or the raw model weights")
+    p.add_argument("--vae", help="diffusers AutoencoderKL: local dir or hub id (default: the dataset's VAE)")
+    p.add_argument("--out", default="samples", help="output directory (default: ./samples)")
+    p.add_argument("--num-samples", type=int, help="videos to generate (sample.num_samples)")
+    p.add_argument("--classes", help="comma-separated class indices, cycled over the samples, e.g. 3,77")
+    p.add_argument("--seed", type=int, help="sample i's noise depends on (seed, i) only")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: ddim for 'ddimN' steps, else ddpm")
+    p.add_argument("--steps", help="sampling steps: a respacing such as 250, ddim50 or 10,10,10")
+    p.add_argument("--eta", type=float, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="model compute (fp16: GPU only)")
+    p.add_argument("--batch-size", type=int, help="samples per forward pass on a rank")
+    p.add_argument("--fps", type=int, help="frame rate of the videos")
+    p.add_argument("--total-frames", type=int, help="frames per video; beyond the model's clip length the "
+                   "video is extended clip by clip")  # fmt: skip
+    p.add_argument("--overlap", type=int, help="latent frames each clip shares with the previous one")
+    p.add_argument("--save-latents", action="store_true", help="also write the latents as .npy")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """--set, then the flags (which win)."""
+    out = list(args.set)
+    for name, key in FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            out.append(f"{key}={value}")
+    if args.classes is not None:
+        try:
+            classes = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError(f"--classes '{args.classes}' must be comma-separated class indices") from None
+        out.append(f"sample.classes=[{','.join(map(str, classes))}]")
+    return out
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, Config, str]:
+    """The model with the checkpoint's weights, its config, and a description of where both came from."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import (--weights model)
+    source = load_source(args.checkpoint, args.weights, args.config, overrides_of(args))
+    cfg = source.cfg
+    if cfg.sample.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    model = build_model(cfg)
+    d = cfg.data
+    what = f"{cfg.model.name} ({cfg.model.num_classes} classes, {d.num_frames} frames of {d.latent_size}²)"
+    check_fits(model, source.state_dict, source.weights_file, what)
+    model.load_state_dict(source.state_dict, strict=True)
+    return model.to(device).eval().requires_grad_(False), cfg, source.description
+
+
+@dataclass
+class Decoder:
+    """The VAE and the factor sampled latents are divided by, with where each came from."""
+
+    vae: torch.nn.Module
+    vae_id: str
+    vae_from: str
+    factor: float
+    factor_from: str
+
+    def __call__(self, latents: torch.Tensor) -> np.ndarray:
+        return decode(self.vae, latents, self.factor)  # (T, C, h, w) -> (T, H, W, 3) uint8
+
+
+def load_decoder(
+    args: argparse.Namespace, cfg: Config, device: torch.device, warn: Callable[[str], None]
+) -> Decoder:
+    """The VAE (--vae, else the dataset's) and the scaling factor its input is divided by."""
+    facts = decoding.dataset_facts(cfg)
+    vae_id, vae_from = decoding.choose_vae(args.vae, facts)
+    vae, _ = load_autoencoder(vae_id, device, cfg.sample.precision if device.type == "cuda" else "fp32")
+    if vae.config.latent_channels != cfg.model.in_channels:
+        raise VaeError(f"the VAE '{vae_id}' has {vae.config.latent_channels} latent channels, the model "
+                       f"{cfg.model.in_channels}")  # fmt: skip
+    factor, factor_from = decoding.scaling_factor(cfg, facts, vae.config.scaling_factor, warn)
+    return Decoder(vae, vae_id, vae_from, factor, factor_from)
+
+
+def run(args: argparse.Namespace) -> int:
+    ranks = ranks_from_env()
+    device = ranks.device
+    say = print if ranks.is_main else (lambda *a, **k: None)
+    warn = (lambda m: print(m, file=sys.stderr)) if ranks.is_main else (lambda m: None)
+    model, cfg, weights = load_model(args, device)
+    say(f"weights: {weights}")
+    decoder = load_decoder(args, cfg, device, warn)
+    say(f"VAE {decoder.vae_id} (from {decoder.vae_from}); scaling factor {decoder.factor:g} from "
+        f"{decoder.factor_from}")  # fmt: skip
+
+    diffusion = build_diffusion(cfg, sampling=True)
+    s = cfg.sample
+    say(f"sampling {s.num_samples} videos of {total_frames(cfg)} frames on {ranks.world_size} rank(s) "
+        f"({device}): {sampler_of(cfg)}, steps {cfg.diffusion.sampling_steps}, cfg scale {s.cfg_scale:g}, "
+        f"seed {s.seed}")  # fmt: skip
+    start_group(ranks)  # every check has passed on every rank: nothing below is a user error
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    frames: dict[int, np.ndarray] = {}
+    num_batches = len(batches_of(s.num_samples, s.batch_size, ranks.rank, ranks.world_size))
+    with Progress(num_batches * steps_per_batch(cfg, diffusion), ranks.is_main and not args.no_progress,
+                  "denoising") as bar:  # fmt: skip
+        mine = rank_samples(model, diffusion, cfg, ranks.rank, ranks.world_size, device, bar.update)
+        for i, latent in mine:
+            frames[i] = decoder(latent)  # (T, C, h, w) -> (T, H, W, 3) uint8
+            media.write_mp4(out / f"sample_{i:04d}.mp4", frames[i], s.fps)
+            if args.save_latents:
+                media.write_npy(out / f"sample_{i:04d}.npy", latent.cpu().numpy())
+    everything = gather_to_main(frames, ranks)
+    end_group()
+    if ranks.is_main:
+        videos = {i: v for part in everything for i, v in part.items()}
+        tiled = media.grid([videos[i] for i in sorted(videos)])
+        media.write_mp4(out / "grid.mp4", tiled, s.fps)
+        media.write_gif(out / "grid.gif", tiled, s.fps)
+        _write_manifest(out, args, cfg, weights, decoder)
+        t, h, w = next(iter(videos.values())).shape[:3]
+        say(f"wrote {len(videos)} videos ({t} frames, {w}x{h}, {s.fps} fps) and grid.mp4/gif to {out} "
+            f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    return 0
+
+
+def _write_manifest(out: Path, args: argparse.Namespace, cfg: Config, weights: str, decoder: Decoder) -> None:
+    """samples.json: what was sampled, from which weights, how; enough to reproduce any one sample."""
+    manifest = {
+        "weights": weights, "config": cfg.to_dict(), "config_hash": cfg.hash(), "sampler": sampler_of(cfg),
+        "vae": decoder.vae_id, "scaling_factor": decoder.factor, "scaling_factor_from": decoder.factor_from,
+        "samples": [{"index": i, "class": class_of(cfg, i), "video": f"sample_{i:04d}.mp4",
+                     "latents": f"sample_{i:04d}.npy" if args.save_latents else None}
+                    for i in range(cfg.sample.num_samples)],
+    }  # fmt: skip
+    atomic_write(out / "samples.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, VaeError) as exc:  # CheckpointError and SourceError are ConfigErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

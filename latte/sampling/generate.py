@@ -1,0 +1,139 @@
+"""Latents from a trained Latte: per-sample noise streams, labels, classifier-free guidance, DDPM/DDIM loops.
+
+Sample i draws all its noise (x_T, every DDPM/DDIM step, every long-video clip) from its own generator,
+seeded by (seed, i) alone. A batch is a list of such samples, so sample i's bits depend on the batch it is
+computed in (a matmul's rounding depends on its row count) but never on the number of ranks: batches are
+fixed by ``sample.batch_size`` and only their placement changes (``latte.sampling.ranks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+
+import torch
+
+from latte.config import Config, sampler_of
+from latte.diffusion import GaussianDiffusion, KnownFrames
+from latte.models import Latte
+from latte.sampling.long_video import default_overlap, num_clips, sample_clips, stitch
+from latte.sampling.ranks import batches_of
+from latte.vae import DTYPES
+
+
+def sample_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The noise stream of sample ``index``."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
+def class_of(cfg: Config, index: int) -> int | None:
+    """Sample ``index``'s class: sample.classes cycled, else 0, 1, 2, ... cycled; None if unconditional."""
+    if not cfg.model.num_classes:
+        return None
+    classes = cfg.sample.classes or list(range(cfg.model.num_classes))
+    return classes[index % len(classes)]
+
+
+def total_frames(cfg: Config) -> int:
+    return cfg.sample.total_frames or cfg.data.num_frames
+
+
+def overlap_of(cfg: Config) -> int:
+    frames = cfg.data.num_frames
+    return cfg.sample.overlap if cfg.sample.overlap is not None else default_overlap(frames)
+
+
+def steps_per_batch(cfg: Config, diffusion: GaussianDiffusion) -> int:
+    """Denoising steps one batch takes (all its clips): the progress bar's unit."""
+    return diffusion.num_timesteps * num_clips(total_frames(cfg), cfg.data.num_frames, overlap_of(cfg))
+
+
+class Denoiser:
+    """The model as the diffusion loops call it, ``fn(x, t) -> (N, F, C_out, H, W)`` in float32.
+
+    Conditioned on ``labels`` (None: unconditional); with ``cfg_scale != 1`` guided through
+    ``model.forward_with_cfg`` on the doubled batch [cond | null class], which mixes the eps channels only.
+    At scale 1 it is the conditional forward itself (guidance at 1 would only add rounding). ``precision``
+    bf16/fp16 runs the model under autocast; the diffusion arithmetic stays in float32.
+    """
+
+    def __init__(self, model: Latte, labels: torch.Tensor | None, cfg_scale: float = 1.0,
+                 precision: str = "fp32") -> None:  # fmt: skip
+        self.model, self.labels, self.cfg_scale, self.precision = model, labels, cfg_scale, precision
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        fp32 = self.precision == "fp32"
+        with nullcontext() if fp32 else torch.autocast(x.device.type, DTYPES[self.precision]):
+            if self.labels is None:
+                out = self.model(x, t)
+            elif self.cfg_scale == 1.0:
+                out = self.model(x, t, self.labels)
+            else:
+                null = torch.full_like(self.labels, self.model.num_classes)  # the table's "no class" row
+                doubled = torch.cat([x, x])  # (2N, F, C, H, W): [cond | uncond]
+                y = torch.cat([self.labels, null])  # (2N,)
+                out = self.model.forward_with_cfg(doubled, torch.cat([t, t]), y, self.cfg_scale)[: len(x)]
+        return out.float()
+
+
+def sample_batch(
+    model: Latte,
+    diffusion: GaussianDiffusion,
+    cfg: Config,
+    indices: list[int],
+    device: torch.device,
+    on_step: Callable[[], None] | None = None,
+) -> list[torch.Tensor]:
+    """Latents of samples ``indices``, sampled together: the clips of each (N, F, C, h, w), the first one
+    unconditioned, each next one sharing its first ``overlap`` frames with the previous one. Stitch them with
+    ``long_video.stitch``. ``on_step`` is called after every denoising step."""
+    s = cfg.sample
+    labels = None
+    if cfg.model.num_classes:
+        labels = torch.tensor([class_of(cfg, i) for i in indices], device=device)
+    denoiser = Denoiser(model, labels, s.cfg_scale, s.precision)
+    generators = [sample_generator(s.seed, i, device) for i in indices]
+    size = cfg.data.latent_size
+    shape = (len(indices), cfg.data.num_frames, cfg.model.in_channels, size, size)  # (N, F, C, h, w)
+    ddim = sampler_of(cfg) == "ddim"
+
+    def run_clip(known: KnownFrames | None) -> torch.Tensor:
+        common = dict(clip_denoised=False, device=device, generator=generators, known=known)
+        if ddim:
+            steps = diffusion.ddim_sample_loop_progressive(denoiser, shape, eta=s.eta, **common)
+        else:
+            steps = diffusion.p_sample_loop_progressive(denoiser, shape, **common)
+        final = None
+        for final in steps:  # noqa: B007 - the last step's sample is the clip
+            if on_step is not None:
+                on_step()
+        return final["sample"]
+
+    return sample_clips(run_clip, total_frames(cfg), cfg.data.num_frames, overlap_of(cfg))
+
+
+def rank_samples(
+    model: Latte,
+    diffusion: GaussianDiffusion,
+    cfg: Config,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    on_step: Callable[[], None] | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, latents (T, C, h, w)) of every sample ``rank`` of ``world_size`` generates, batch by batch."""
+    for indices in batches_of(cfg.sample.num_samples, cfg.sample.batch_size, rank, world_size):
+        yield from zip(indices, sample_latents(model, diffusion, cfg, indices, device, on_step), strict=True)
+
+
+def sample_latents(
+    model: Latte,
+    diffusion: GaussianDiffusion,
+    cfg: Config,
+    indices: list[int],
+    device: torch.device,
+    on_step: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Latents (N, T, C, h, w) of samples ``indices``, T = ``sample.total_frames`` (or the clip length)."""
+    clips = sample_batch(model, diffusion, cfg, indices, device, on_step)
+    return stitch(clips, overlap_of(cfg), total_frames(cfg))
