@@ -5,11 +5,12 @@
 For each ZeRO stage and world size, CPU gloo ranks (tests/dist.py) build the engine train.py builds, take one
 optimizer step (so Adam's moments exist), then time, barrier to barrier:
 ``save``: ``CheckpointManager.save`` (DeepSpeed engine state, per-rank EMA shard + RNG + data state, the
-consolidated EMA, meta, COMPLETE manifest, ``latest``); ``plain write``: every rank writing its share of the
-same number of bytes from a memory buffer to one file (open/write/close, no fsync, like torch.save);
-``load``: ``CheckpointManager.load`` into the built engine; ``plain read``: every rank reading its share of
-the checkpoint's files. Reads hit the page cache in both columns (the files were just written). The EMA
-column is this rank's EMA bytes over the full fp32 EMA (expect 1 / world size).
+consolidated EMA, meta, COMPLETE manifest, ``latest``); ``plain write``: every rank writing exactly the bytes
+it wrote in ``save`` (its ``wchar`` in /proc/self/io) from a ready memory buffer to one file (open/write/
+close, no fsync, like torch.save); ``load``: ``CheckpointManager.load`` into the built engine; ``plain
+read``: every rank reading the bytes it read in ``load`` (``rchar``) from the checkpoint's files. Reads hit
+the page cache in both columns (the files were just written). The EMA column is each rank's EMA bytes over
+the full fp32 EMA (expect 1 / world size).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,18 +42,34 @@ def _barrier_time(fn) -> float:
     return time.perf_counter() - start
 
 
-def _plain_write(path: Path, nbytes: int) -> None:
-    buffer = bytearray(nbytes)
+def _io_bytes(field: str) -> int:
+    """This process's ``rchar`` / ``wchar`` so far (bytes passed to read/write calls, cached or not)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/io")
+
+
+def _counted(fn, field: str) -> tuple[float, int]:
+    """(barrier-to-barrier seconds of ``fn()``, bytes this rank read or wrote in it)."""
+    before = _io_bytes(field)
+    seconds = _barrier_time(fn)
+    return seconds, _io_bytes(field) - before
+
+
+def _plain_write(path: Path, buffer: np.ndarray) -> None:
     with open(path, "wb") as f:
-        f.write(buffer)
+        f.write(memoryview(buffer))
 
 
-def _plain_read(paths: list[Path]) -> int:
-    total = 0
-    for path in paths:
-        with open(path, "rb") as f:
-            total += len(f.read())
-    return total
+def _plain_read(paths: list[Path], nbytes: int) -> None:
+    """Read ``nbytes`` from ``paths`` in turn (in 64 MiB reads), wrapping around if they hold fewer."""
+    left, i = nbytes, 0
+    while left > 0:
+        with open(paths[i % len(paths)], "rb") as f:
+            while left > 0 and (chunk := f.read(min(left, 64 << 20))):
+                left -= len(chunk)
+        i += 1
 
 
 def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
@@ -81,22 +99,22 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
     ema.update()
 
     manager = CheckpointManager(cfg, world)
-    save_s = _barrier_time(lambda: manager.save(1, engine, ema, data))
+    save_s, written = _counted(lambda: manager.save(1, engine, ema, data), "wchar")
     step_dir = Path(ckpt_dir) / tag_for(1)
     files = sorted(p for p in step_dir.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
-    share = total // world.world_size
+    buffer = np.ones(written, dtype=np.uint8)  # allocated and touched before the clock starts
     scratch = Path(ckpt_dir) / f"plain_{world.rank}.bin"
-    write_s = _barrier_time(lambda: _plain_write(scratch, share))
+    write_s = _barrier_time(lambda: _plain_write(scratch, buffer))
     scratch.unlink()
 
     manager.find()
-    load_s = _barrier_time(lambda: manager.load(step_dir, engine, ema, data))
-    mine = files[world.rank :: world.world_size]
-    read_s = _barrier_time(lambda: _plain_read(mine))
+    load_s, read = _counted(lambda: manager.load(step_dir, engine, ema, data), "rchar")
+    big_first = sorted(files, key=lambda p: -p.stat().st_size)
+    read_s = _barrier_time(lambda: _plain_read(big_first[world.rank :: world.world_size], read))
     torch.distributed.destroy_process_group()
     return {"save": save_s, "write": write_s, "load": load_s, "read": read_s, "bytes": total,
-            "ema": ema.local_bytes() / full_ema_bytes}  # fmt: skip
+            "written": written, "read_bytes": read, "ema": ema.local_bytes() / full_ema_bytes}  # fmt: skip
 
 
 def main() -> None:
@@ -120,15 +138,16 @@ def main() -> None:
         f"\n{args.model} (101 classes), CPU gloo ranks, torch {torch.__version__}; times barrier to barrier"
     )
     print(
-        "| ZeRO | ranks | checkpoint MB | save s | plain write s | save / write | load s | plain read s "
-        "| load / read | EMA bytes per rank / full |"
+        "| ZeRO | ranks | checkpoint MB | MB written / read per rank | save s | plain write s | save / write "
+        "| load s | plain read s | load / read | EMA bytes per rank / full |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for zero, world, results in rows:
         r = results[0]
         ema = " / ".join(f"{x['ema']:.3f}" for x in results)
         save, load = r["save"] / r["write"], r["load"] / r["read"]
-        print(f"| {zero} | {world} | {r['bytes'] / 1e6:.0f} | {r['save']:.2f} | {r['write']:.2f} | "
+        io = " / ".join(f"{x['written'] / 1e6:.0f}/{x['read_bytes'] / 1e6:.0f}" for x in results)
+        print(f"| {zero} | {world} | {r['bytes'] / 1e6:.0f} | {io} | {r['save']:.2f} | {r['write']:.2f} | "
               f"{save:.1f}x | {r['load']:.2f} | {r['read']:.2f} | {load:.1f}x | {ema} |")  # fmt: skip
 
 
