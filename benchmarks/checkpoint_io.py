@@ -6,11 +6,11 @@ For each ZeRO stage and world size, CPU gloo ranks (tests/dist.py) build the eng
 optimizer step (so Adam's moments exist), then time, barrier to barrier:
 ``save``: ``CheckpointManager.save`` (DeepSpeed engine state, per-rank EMA shard + RNG + data state, the
 consolidated EMA, meta, COMPLETE manifest, ``latest``); ``plain write``: every rank writing exactly the bytes
-it wrote in ``save`` (its ``wchar`` in /proc/self/io) from a ready memory buffer to one file (open/write/
-close, no fsync, like torch.save); ``load``: ``CheckpointManager.load`` into the built engine; ``plain
+it wrote in ``save`` (its ``wchar`` in /proc/self/io) from a ready memory buffer to one file (64 MiB
+writes, no fsync, like torch.save); ``load``: ``CheckpointManager.load`` into the built engine; ``plain
 read``: every rank reading the bytes it read in ``load`` (``rchar``) from the checkpoint's files. Reads hit
 the page cache in both columns (the files were just written). The EMA column is each rank's EMA bytes over
-the full fp32 EMA (expect 1 / world size).
+the full fp32 EMA (expect 1 / world size). Each time is the median of 3 rounds.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -32,12 +33,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from dist import run_ranks  # noqa: E402
 
+REPEATS = 3
 
-def _barrier_time(fn) -> float:
-    """Seconds from a barrier before ``fn()`` to a barrier after it (the slowest rank's time)."""
+
+def _barrier_time(fn, *args) -> float:
+    """Seconds from a barrier before ``fn()`` to a barrier after it (the slowest rank's time). Dirty pages
+    are flushed first, so no column pays for the previous one's write-back."""
+    os.sync()
     torch.distributed.barrier()
     start = time.perf_counter()
-    fn()
+    fn(*args)
     torch.distributed.barrier()
     return time.perf_counter() - start
 
@@ -50,16 +55,19 @@ def _io_bytes(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/io")
 
 
-def _counted(fn, field: str) -> tuple[float, int]:
+def _counted(field: str, fn, *args) -> tuple[float, int]:
     """(barrier-to-barrier seconds of ``fn()``, bytes this rank read or wrote in it)."""
     before = _io_bytes(field)
-    seconds = _barrier_time(fn)
+    seconds = _barrier_time(fn, *args)
     return seconds, _io_bytes(field) - before
 
 
 def _plain_write(path: Path, buffer: np.ndarray) -> None:
+    """``buffer`` to ``path`` in 64 MiB writes (one huge write() is ~4x slower on Linux: not a fair base)."""
+    view, step = memoryview(buffer), 64 << 20
     with open(path, "wb") as f:
-        f.write(memoryview(buffer))
+        for start in range(0, len(view), step):
+            f.write(view[start : start + step])
 
 
 def _plain_read(paths: list[Path], nbytes: int) -> None:
@@ -99,19 +107,23 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
     ema.update()
 
     manager = CheckpointManager(cfg, world)
-    save_s, written = _counted(lambda: manager.save(1, engine, ema, data), "wchar")
-    step_dir = Path(ckpt_dir) / tag_for(1)
-    files = sorted(p for p in step_dir.rglob("*") if p.is_file())
+    saves, writes, loads, reads = [], [], [], []
+    for rep in range(REPEATS):  # alternating, median of each: page-cache and write-back noise is large
+        saves.append(_counted("wchar", manager.save, rep + 1, engine, ema, data))
+        step_dir = Path(ckpt_dir) / tag_for(rep + 1)
+        written = saves[-1][1]
+        buffer = np.ones(written, dtype=np.uint8)  # allocated and touched before the clock starts
+        scratch = Path(ckpt_dir) / f"plain_{world.rank}.bin"
+        writes.append(_barrier_time(_plain_write, scratch, buffer))
+        scratch.unlink()
+        manager.find()
+        loads.append(_counted("rchar", manager.load, step_dir, engine, ema, data))
+        files = sorted((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+        read = loads[-1][1]
+        reads.append(_barrier_time(_plain_read, files[world.rank :: world.world_size], read))
     total = sum(p.stat().st_size for p in files)
-    buffer = np.ones(written, dtype=np.uint8)  # allocated and touched before the clock starts
-    scratch = Path(ckpt_dir) / f"plain_{world.rank}.bin"
-    write_s = _barrier_time(lambda: _plain_write(scratch, buffer))
-    scratch.unlink()
-
-    manager.find()
-    load_s, read = _counted(lambda: manager.load(step_dir, engine, ema, data), "rchar")
-    big_first = sorted(files, key=lambda p: -p.stat().st_size)
-    read_s = _barrier_time(lambda: _plain_read(big_first[world.rank :: world.world_size], read))
+    save_s, load_s = statistics.median(t for t, _ in saves), statistics.median(t for t, _ in loads)
+    write_s, read_s = statistics.median(writes), statistics.median(reads)
     torch.distributed.destroy_process_group()
     return {"save": save_s, "write": write_s, "load": load_s, "read": read_s, "bytes": total,
             "written": written, "read_bytes": read, "ema": ema.local_bytes() / full_ema_bytes}  # fmt: skip
