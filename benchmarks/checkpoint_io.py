@@ -10,7 +10,7 @@ it wrote in ``save`` (its ``wchar`` in /proc/self/io) from a ready memory buffer
 writes, no fsync, like torch.save); ``load``: ``CheckpointManager.load`` into the built engine; ``plain
 read``: every rank reading the bytes it read in ``load`` (``rchar``) from the checkpoint's files. Reads hit
 the page cache in both columns (the files were just written). The EMA column is each rank's EMA bytes over
-the full fp32 EMA (expect 1 / world size). Each time is the median of 3 rounds.
+the full fp32 EMA (expect 1 / world size). Each time is the best of 3 rounds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -108,7 +107,7 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
 
     manager = CheckpointManager(cfg, world)
     saves, writes, loads, reads = [], [], [], []
-    for rep in range(REPEATS):  # alternating, median of each: page-cache and write-back noise is large
+    for rep in range(REPEATS):  # alternating; best of each (timeit): page-cache write-back noise is large
         saves.append(_counted("wchar", manager.save, rep + 1, engine, ema, data))
         step_dir = Path(ckpt_dir) / tag_for(rep + 1)
         written = saves[-1][1]
@@ -122,8 +121,8 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
         read = loads[-1][1]
         reads.append(_barrier_time(_plain_read, files[world.rank :: world.world_size], read))
     total = sum(p.stat().st_size for p in files)
-    save_s, load_s = statistics.median(t for t, _ in saves), statistics.median(t for t, _ in loads)
-    write_s, read_s = statistics.median(writes), statistics.median(reads)
+    save_s, load_s = min(t for t, _ in saves), min(t for t, _ in loads)
+    write_s, read_s = min(writes), min(reads)
     torch.distributed.destroy_process_group()
     return {"save": save_s, "write": write_s, "load": load_s, "read": read_s, "bytes": total,
             "written": written, "read_bytes": read, "ema": ema.local_bytes() / full_ema_bytes}  # fmt: skip
