@@ -122,22 +122,21 @@ def main() -> None:
               f"then a new launch that resumes it to step {args.steps}", flush=True)  # fmt: skip
         first = train_stage(args, env, index, out, half, "none", out / "train_1.log")
         second = train_stage(args, env, index, out, args.steps, "auto", out / "train_2.log")
-    finally:
+        losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", first + second)]
+        print(f"    loss {losses[0]:.4f} (first interval) -> {losses[-1]:.4f} (last interval)")
+
+        ckpt = out / "runs" / "checkpoints"
+        samples = out / "samples"
+        latest = (ckpt / "latest").read_text().strip()
+        print(f"[4/4] sampling with the EMA weights of {ckpt / latest}", flush=True)
+        sample = [sys.executable, "-m", "latte.sample", str(ckpt), "--vae", vae, "--no-progress"]
+        run([*sample, "--out", str(samples), "--num-samples", "4", "--classes", "0,1,2,3"], env,
+            out / "sample.log")  # fmt: skip
+        run([*sample, "--out", str(samples / "long"), "--num-samples", "1", "--classes", "1",
+             "--total-frames", "16", "--overlap", "2"], env, out / "sample_long.log")  # fmt: skip
+    finally:  # the S3 server stays up until sampling has read the dataset index's scaling factor
         if server is not None:
             server.stop()
-    losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", first + second)]
-    print(f"    loss {losses[0]:.4f} (first interval) -> {losses[-1]:.4f} (last interval)")
-
-    ckpt = out / "runs" / "checkpoints"
-    samples = out / "samples"
-    print(
-        f"[4/4] sampling with the EMA weights of {ckpt / (ckpt / 'latest').read_text().strip()}", flush=True
-    )
-    sample = [sys.executable, "-m", "latte.sample", str(ckpt), "--vae", vae, "--no-progress"]
-    run([*sample, "--out", str(samples), "--num-samples", "4", "--classes", "0,1,2,3"], env,
-        out / "sample.log")  # fmt: skip
-    run([*sample, "--out", str(samples / "long"), "--num-samples", "1", "--classes", "1",
-         "--total-frames", "16", "--overlap", "2"], env, out / "sample_long.log")  # fmt: skip
 
     run_dir = re.search(r"run dir (\S+)", first)
     print(
@@ -146,7 +145,7 @@ def main() -> None:
     )
     if run_dir:
         print(f"TensorBoard: tensorboard --logdir {run_dir.group(1)}/tensorboard")
-    print(f"checkpoints: {ckpt} (latest: {(ckpt / 'latest').read_text().strip()})")
+    print(f"checkpoints: {ckpt} (latest: {latest})")
     print(f"videos:      {samples}/sample_000*.mp4, {samples}/grid.mp4, {samples}/grid.gif (classes 0-3)")
     print(f"long video:  {samples / 'long'}/sample_0000.mp4 (16 frames from a 4-frame model, clip by clip)")
     print(f"logs:        {out}/*.log; took {time.perf_counter() - start:.0f} s")
