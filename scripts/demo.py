@@ -52,7 +52,12 @@ def start_local_s3(out: Path) -> tuple[object, dict[str, str]]:
 
     server = SeaweedServer(out / "s3_data")
     server.start()
-    server.make_bucket("demo")
+    try:
+        server.make_bucket("demo")
+    except Exception as exc:  # the bucket of an earlier demo run in the same --out is fine
+        if "BucketAlreadyOwnedByYou" not in type(exc).__name__:
+            server.stop()
+            raise
     return server, server.env()
 
 
