@@ -276,10 +276,10 @@ class LatentLoader:
         # Its own generator for the workers' base seed: by default DataLoader draws it from the global torch
         # RNG, which training checkpoints and restores, so a resumed run would draw it once more (shifting,
         # e.g., the label dropout) than the run it continues. The streams seed themselves (by sample id).
-        seed = torch.Generator().manual_seed(self.seed * 1_000_003 + plan.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + plan.epoch)
         yield from DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers,
                               collate_fn=_identity, prefetch_factor=self.prefetch_factor,
-                              generator=seed)  # fmt: skip
+                              generator=generator)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------------
     # state

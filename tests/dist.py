@@ -19,6 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, accept: Callable[[int], bool] = lambda port: True) -> list[int]:
+    """``count`` distinct free ports that pass ``accept`` (e.g. a server that also binds port + 10000)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports and accept(port):
+            ports.append(port)
+    return ports
+
+
 def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from dist import free_ports
+
 ACCESS_KEY = "latte-test-key"
 SECRET_KEY = "latte-test-secret"  # a test server's secret; never a real credential
 
@@ -28,16 +30,9 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def free_ports(count: int) -> list[int]:
+def seaweed_ports(count: int) -> list[int]:
     """Distinct free ports p with p + 10000 free too (SeaweedFS's gRPC port convention)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 55000 and port not in ports and _port_free(port + 10000):
-            ports.append(port)
-    return ports
+    return free_ports(count, accept=lambda port: port < 55000 and _port_free(port + 10000))
 
 
 def weed_binary() -> str | None:
@@ -51,7 +46,7 @@ class SeaweedServer:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
-        self.s3_port, self.master, self.volume, self.filer, self.admin, self.debug = free_ports(6)
+        self.s3_port, self.master, self.volume, self.filer, self.admin, self.debug = seaweed_ports(6)
         self.endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.proc: subprocess.Popen | None = None
 

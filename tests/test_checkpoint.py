@@ -151,6 +151,18 @@ def assert_same_bits(a, b, where: str = "") -> int:
     return 0
 
 
+def assert_same_checkpoint(a: Path, b: Path) -> int:
+    """Two 2-rank step directories hold the same ``*.pt`` files (both optimizer shards, both rank files, the
+    consolidated EMA) with the same bits; returns the number of tensors compared."""
+    files = sorted(p.name for p in a.glob("*.pt"))
+    assert files == sorted(p.name for p in b.glob("*.pt")) and "ema_consolidated.pt" in files
+    assert len([f for f in files if "optim_states" in f]) == 2 and "rank_00001.pt" in files
+    load = lambda path: torch.load(path, weights_only=False)  # noqa: E731
+    tensors = sum(assert_same_bits(load(a / name), load(b / name), name) for name in files)
+    assert tensors > 50
+    return tensors
+
+
 def _kill_9(proc: subprocess.Popen, ck: Path, after: int, during_save: bool) -> tuple[int, str]:
     """SIGKILL the whole job once checkpoint ``after`` is complete: at a random moment or inside a later save;
     returns the newest complete step left and the job's output."""
@@ -191,15 +203,7 @@ def test_kill_9_and_resume_auto_gives_the_same_bits(tmp_path, zero, precision, k
     assert f"resumed from {ck / tag_for(newest)} at step {newest}" in out, out[-3000:]
     _finish(unbroken)
 
-    a, b = tmp_path / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS)
-    files = sorted(p.name for p in a.glob("*.pt"))
-    assert files == sorted(p.name for p in b.glob("*.pt")) and "ema_consolidated.pt" in files
-    assert len([f for f in files if "optim_states" in f]) == 2 and "rank_00001.pt" in files
-    tensors = 0
-    for name in files:
-        tensors += assert_same_bits(torch.load(a / name, weights_only=False),
-                                    torch.load(b / name, weights_only=False), name)  # fmt: skip
-    assert tensors > 50
+    assert_same_checkpoint(tmp_path / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS))
     assert (ck / "latest").read_text() == tag_for(STEPS)
     kept = sorted(p.name for p in ck.glob("step_*"))
     assert kept == [tag_for(s) for s in (STEPS - 2 * EVERY, STEPS - EVERY, STEPS)], kept  # keep_last 3
@@ -303,12 +307,7 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_
     (run_dir,) = [p for p in broken.iterdir() if p.name not in ("checkpoints", "data")]
     assert f"run dir {run_dir} |" in out  # the resumed run logs on in the same directory (TensorBoard)
     _finish(unbroken)
-    a, b = tmp_path / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS)
-    files = sorted(p.name for p in a.glob("*.pt"))
-    assert files == sorted(p.name for p in b.glob("*.pt")) and "ema_consolidated.pt" in files
-    for name in files:
-        assert_same_bits(torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False),
-                         name)  # fmt: skip
+    assert_same_checkpoint(tmp_path / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS))
 
 
 def test_world_size_change_1_to_2_under_zero_3(tmp_path):

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from slurm_cluster import FINAL_STATES
-from test_checkpoint import _env, assert_same_bits
+from test_checkpoint import _env, assert_same_checkpoint
 from test_shard_latents import OPTIONS, VIDEOS, read_samples
 
 from data_pipeline.index import load_index
@@ -120,13 +119,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_bits(slurm, tra
     assert log.count("[latte] training finished") == 1 and log.count("restart 1,") == 1
 
     assert slurm.wait(train_jobs["unbroken"])["JobState"] == "COMPLETED"
-    a, b = root / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS)
-    files = sorted(p.name for p in a.glob("*.pt"))
-    assert files == sorted(p.name for p in b.glob("*.pt")) and "ema_consolidated.pt" in files
-    assert len([f for f in files if "optim_states" in f]) == 2 and "rank_00001.pt" in files
-    load = lambda path: torch.load(path, weights_only=False)  # noqa: E731
-    tensors = sum(assert_same_bits(load(a / name), load(b / name), name) for name in files)
-    assert tensors > 50
+    assert_same_checkpoint(root / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS))
     assert processes_mentioning(str(root)) == []  # no rank, srun or batch shell left behind
 
 
