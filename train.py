@@ -89,7 +89,8 @@ def batches_for(cfg: Config, world):
             loader = LatentLoader(cfg.data.index, cfg.train.micro_batch_size, rank=world.rank,
                                   world_size=world.world_size, seed=cfg.train.seed,
                                   num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                                  infinite=True, expected=expected)  # fmt: skip
+                                  infinite=True, expected=expected,
+                                  pin_memory=world.device.type == "cuda")  # fmt: skip
         except (ValueError, LoaderError) as exc:  # unreadable index, missing shard, index vs config
             raise ConfigError(str(exc)) from None
         return loader
@@ -108,25 +109,24 @@ def batches_for(cfg: Config, world):
     )
 
 
-def step_noise(cfg: Config, step: int, shape: tuple[int, ...], num_timesteps: int, device: torch.device):
-    """Timesteps (G,) and noise (G, F, C, h, w) of optimizer step ``step``'s whole global batch.
-
-    Drawn from a generator seeded by (seed, step) and sliced per rank and micro-batch like the data, so any
-    layout of the same global batch trains on identical (x, t, noise) and a resumed run needs no RNG state.
-    """
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
-    t = torch.randint(0, num_timesteps, shape[:1], generator=generator, device=device)
-    return t, torch.randn(shape, generator=generator, device=device)
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host batch tensor -> ``device`` without a blocking copy: pinned (the loader's workers pin already on
+    CUDA) and ``non_blocking``. The caching host allocator keeps the pinned buffer until the copy is done."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype, non_blocking=True)
 
 
 def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float], object, object]:
     """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval, the
     DeepSpeed engine and the sharded EMA. With ``stop``, a stop signal ends the loop early at a step boundary
     agreed by all ranks, with a checkpoint (``stop.requested`` tells the caller)."""
+    from latte.builders import attention_line
     from latte.checkpoint import CheckpointManager
     from latte.ema import ShardedEMA
     from latte.engine import build_engine, set_grad_clip
     from latte.metrics import MetricsLogger, flops_per_sample, peak_flops
+    from latte.seeding import TrainingDraws, batch_indices
 
     data = batches_for(cfg, world)  # first: a dataset that does not fit the config fails before any build
     checkpoints = CheckpointManager(cfg, world)
@@ -135,13 +135,14 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
     random.seed(cfg.train.seed)  # python's and numpy's RNGs too: checkpoints save all three, so resumes are
     np.random.seed(cfg.train.seed)  # exact whatever library draws from them
     model = build_model(cfg)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    attention = attention_line(cfg, world.device, compute_dtype)  # an explicit kernel that cannot run: error
     diffusion = build_diffusion(cfg)
     # fp32 sin-cos tables for the EMA, and the parameter count: before ZeRO-3 partitions (and bf16 casts) them
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(cfg, model, world, load_universal=checkpoints.reshard)
     ema = ShardedEMA(engine, cfg.train.ema_decay, frozen)  # starts as a copy of the synced initial weights
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
     def model_fn(x_t, t, **kwargs):  # diffusion math in fp32, the network in the engine's precision
         return engine(x_t.to(compute_dtype), t, **kwargs).float()
@@ -156,7 +157,7 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
     arch = resolved_arch(cfg)
     flops = flops_per_sample(arch, d_cfg.num_frames, d_cfg.latent_size, cfg.model.in_channels,
                              cfg.model.learn_sigma)  # fmt: skip
-    peak, device_name = peak_flops(world.device, t_cfg.precision)
+    peak, device_name = peak_flops(world.device, t_cfg.precision, tf32=t_cfg.tf32)
     tokens_per_sample = d_cfg.num_frames * (d_cfg.latent_size // arch.patch_size) ** 2
     if world.is_main:
         peak_text = f"{peak:.3g} FLOP/s" if peak else "n/a"
@@ -166,6 +167,7 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
             f"{accum} accumulation x {ws} ranks | peak {peak_text}",
             flush=True,
         )
+        print(attention, flush=True)
 
     start_step = checkpoints.load(resume_from, engine, ema, data) if resume_from is not None else 0
     if resume_from is None and world.is_main:
@@ -174,21 +176,24 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
         )
         print(f"starting at step 0 ({why})", flush=True)
     batches = iter(data)  # after load: the stream continues where the checkpoint's left off
+    # (t, noise, label dropout) of each sample from (seed, step, its index in the global batch)
+    drop_prob = cfg.model.class_dropout_prob if cfg.model.num_classes else 0.0
+    draws = TrainingDraws(t_cfg.seed, diffusion.num_timesteps, latent_shape, world.device, drop_prob)
     interval_loss = torch.zeros((), device=world.device)
     history: list[float] = []
     data_wait, t0, interval_start = 0.0, time.perf_counter(), start_step
     for step in range(start_step, t_cfg.max_steps):
         set_grad_clip(engine, t_cfg.clip_max_norm if step >= t_cfg.clip_start_step else 0.0)
-        t_all, noise_all = step_noise(cfg, step, (global_batch, *latent_shape), diffusion.num_timesteps,
-                                      world.device)  # fmt: skip
         for a in range(accum):  # engine.step() steps the optimizer exactly at every accum-th micro-batch
             wait = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - wait
-            part = slice((a * ws + world.rank) * micro, (a * ws + world.rank + 1) * micro)
-            x = batch["latent"].to(world.device, torch.float32, non_blocking=True)  # (B, F, C, h, w)
-            kwargs = {"y": batch["y"].to(world.device)} if "y" in batch else {}
-            losses = diffusion.training_losses(model_fn, x, t_all[part], kwargs, noise=noise_all[part])
+            drawn = draws(step, batch_indices(a, world.rank, ws, micro))
+            x = to_device(batch["latent"], world.device, torch.float32)  # (B, F, C, h, w)
+            kwargs = {"y": to_device(batch["y"], world.device)} if "y" in batch else {}
+            if drawn.drop is not None:
+                kwargs["force_drop_ids"] = drawn.drop
+            losses = diffusion.training_losses(model_fn, x, drawn.t, kwargs, noise=drawn.noise)
             loss = losses["loss"].mean()
             engine.backward(loss)
             engine.step()
@@ -220,7 +225,8 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
         saved = (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.max_steps
         if saved:
             checkpoints.save(step + 1, engine, ema, data)
-        if stop is not None and step + 1 < t_cfg.max_steps and stop.agreed():  # one tiny CPU all-reduce
+        check = (step + 1) % t_cfg.stop_check_every == 0  # the same steps on every rank, across restarts
+        if stop is not None and check and step + 1 < t_cfg.max_steps and stop.agreed():  # one CPU all-reduce
             if not saved:
                 checkpoints.save(step + 1, engine, ema, data)
             if world.is_main:
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return _config_error(e, int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
     from latte.engine import setup_distributed
 
-    world = setup_distributed()
+    world = setup_distributed(cfg)
     try:
         history, _, _ = train(cfg, world, stop)
     except ConfigError as e:  # found while building (e.g. the DeepSpeed JSON): the same on every rank

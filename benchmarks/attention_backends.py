@@ -1,7 +1,7 @@
 """Forward+backward time of the whole Latte model under each attention backend.
 
     python benchmarks/attention_backends.py [--model Latte-S/2 --frames 16 --latent 32 --batch 2 --repeats 3
-                                             --device cpu|cuda --dtype fp32|bf16|fp16]
+                                             --device cpu|cuda --dtype fp32|bf16|fp16 --compile]
 
 One model, one set of weights and inputs; only the attention backend changes between rows. For each
 requested backend the script asks ``resolve_backend`` what would actually run on this device and dtype: an
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--time-duplicates", action="store_true", help="also time choices resolving to a timed kernel"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile", action="store_true", help="also time `auto` with every block compiled (model.compile)"
+    )
     return p.parse_args(argv)
 
 
@@ -179,6 +182,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
         row = Row(name, ran, ms, peak, (out.float() - reference).abs().max().item())
         rows.append(row)
         timed.setdefault(ran, row)
+
+    if args.compile:  # model.compile: each block through torch.compile (inductor), the backend `auto` picks
+        from latte.builders import compile_blocks
+
+        set_backend(model, "auto")
+        compile_blocks(model)
+        start = time.perf_counter()
+        step(model, inputs)  # the first call compiles (both block kinds)
+        compile_s = time.perf_counter() - start
+        out, ms, peak = measure(model, inputs, args, device)
+        ran = resolve_backend("auto", probe)
+        rows.append(Row("auto + compile", ran, ms, peak, (out.float() - reference).abs().max().item()))
+        print(f"#   auto + compile: compiling took {compile_s:.0f} s (not in the time)", flush=True)
 
     math_ms = timed["math"].ms
     print()

@@ -90,7 +90,7 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
     cfg = load_config(None, [f"model.name={model}", "model.num_classes=101", "data.num_frames=16",
                              "data.image_size=256", "train.micro_batch_size=1", f"train.zero_stage={zero}",
                              f"train.ckpt_dir={ckpt_dir}", "train.keep_last=10"])  # fmt: skip
-    world = setup_distributed()
+    world = setup_distributed(cfg)
     torch.manual_seed(0)
     net = build_model(cfg)
     frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}

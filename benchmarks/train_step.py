@@ -67,7 +67,7 @@ def main() -> None:
         f"train.micro_batch_size={args.batch}", f"train.precision={args.precision}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
-    world = setup_distributed()
+    world = setup_distributed(cfg)
     dev = world.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     diffusion = build_diffusion(cfg)

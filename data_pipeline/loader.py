@@ -153,6 +153,7 @@ class LatentLoader:
         check_shards: check at construction that the shards exist (S3: this rank checks its 1/world_size of
             them, so the ranks together check every shard once).
         prefetch_factor: batches each worker prepares ahead.
+        pin_memory: hand over batches from workers in pinned host memory (for non-blocking copies to a GPU).
     """
 
     def __init__(
@@ -172,6 +173,7 @@ class LatentLoader:
         retry_backoff: float = 0.5,
         check_shards: bool = True,
         prefetch_factor: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         self.layout = Layout(world_size, num_workers, batch_size, shuffle_buffer)
         self.layout.check()
@@ -182,7 +184,7 @@ class LatentLoader:
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         self.rank, self.seed, self.infinite, self.dtype = rank, seed, infinite, dtype
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.index_url = index_url_for(index_url)
         self.index = load_index(self.index_url)  # DatasetIndexError naming the url
         self.facts = self.index.facts
@@ -279,7 +281,7 @@ class LatentLoader:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + plan.epoch)
         yield from DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers,
                               collate_fn=_identity, prefetch_factor=self.prefetch_factor,
-                              generator=generator)  # fmt: skip
+                              generator=generator, pin_memory=self.pin_memory)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------------
     # state

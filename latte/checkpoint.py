@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from latte.config import Config, ConfigError
+from latte.config import Config, ConfigError, flatten, resolve_saved
+from latte.rendezvous import control_group
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
@@ -42,7 +43,11 @@ EMA_FULL = "ema_consolidated.pt"
 ALWAYS_ALLOWED = (
     "train.max_steps",
     "train.log_every",
+    "train.stop_check_every",
     "train.ckpt_every",
+    "model.compile",  # how the same function is computed: speed (and rounding) only
+    "train.tf32",
+    "train.deterministic",
     "train.results_dir",
     "train.ckpt_dir",
     "train.keep_last",
@@ -191,20 +196,11 @@ def consolidated_model(step_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
-def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_changes(saved: dict[str, Any], current: Config) -> list[str]:
-    """``key 'saved' != 'now'`` for every config value that differs and is not allowed to."""
+    """``key 'saved' != 'now'`` for every config value that differs and is not allowed to. ``saved`` may come
+    from an older version: keys it lacks count at their defaults, retired keys as their successors."""
     allowed = set(ALWAYS_ALLOWED) | set(current.train.resume_allow_changes)
-    old, new = flat_config(saved), flat_config(current.to_dict())
+    old, new = flatten(resolve_saved(saved).to_dict()), flatten(current.to_dict())
     return [
         f"{key} {old.get(key)!r} != {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
@@ -229,11 +225,13 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The RNG states a resume restores. CUDA: only this rank's own device (``torch.cuda.current_device()``),
+    so a resume that sees another number of GPUs per process (e.g. one per task under cgroups) still loads."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -241,8 +239,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):  # written before issue 12: one state per visible GPU
+        index = torch.cuda.current_device()
+        if index >= len(cuda):
+            print(f"warning: the checkpoint holds CUDA RNG states of {len(cuda)} GPUs, none for this rank's "
+                  f"device {index}; its CUDA RNG is not restored", file=sys.stderr, flush=True)  # fmt: skip
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,8 +288,9 @@ class CheckpointManager:
                 result[0] = ("ok", fn())
             except CheckpointError as exc:
                 result[0] = ("error", str(exc))
-        if torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(result, src=0)
+        group = control_group()  # gloo, long timeout: rank 0 may convert a checkpoint for a long time
+        if group is not None:
+            torch.distributed.broadcast_object_list(result, src=0, group=group)
         status, value = result[0]
         if status == "error":
             raise CheckpointError(value)
@@ -318,6 +326,7 @@ class CheckpointManager:
                                               load_lr_scheduler_states=True)  # fmt: skip
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state in {path.parent / ds_tag}")
+        ema.refresh_masters()  # the EMA reads the master weights through views: look them up again
         # another world size: RNG of rank r % saved ranks; the data state is the same in every rank's file
         source = self.world.rank % self.saved_world_size
         state = torch.load(path / f"rank_{source:05d}.pt", map_location="cpu", weights_only=False)
@@ -377,5 +386,8 @@ class CheckpointManager:
         return step_dir
 
     def _barrier(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        """Wait for every rank's files: over the gloo control group, so that a slow file system (one rank
+        writing for minutes) cannot hit NCCL's collective timeout, and no GPU is synced."""
+        group = control_group()
+        if group is not None:
+            torch.distributed.barrier(group=group)

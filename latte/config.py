@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A configuration mistake; the message is one line meant for the user."""
 
 
+# Keys that existed once and were renamed or removed: old dotted key -> the key that now holds its value, or
+# None (its value is dropped). Presets, run directories' config.yaml and checkpoints' meta.json written by
+# older versions keep loading; a key added later simply takes its default when an old config lacks it.
+RETIRED_KEYS: dict[str, str | None] = {}
+
+
 @dataclass
 class ModelConfig:
     name: str = "Latte-XL/2"  # a flavor of LATTE_MODELS: "Latte-S/2" ... "Latte-XL/8", or tiny "Latte-T/2"
@@ -37,8 +43,11 @@ class ModelConfig:
     learn_sigma: bool = True  # predict the variance interpolation too (2C output channels), as released
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (class-conditional only)
     in_channels: int = 4  # latent channels of the VAE
-    attention: str = "auto"  # auto | flash | xformers | sdpa | math (math = the original's reference path)
+    # auto | flash3 | flash | xformers | sdpa | math (math = the original's reference path). On CUDA an
+    # explicit backend that cannot run is an error naming why; auto takes the fastest that can (rank 0 says).
+    attention: str = "auto"
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~1/3 more compute
+    compile: bool = False  # regional torch.compile of each transformer block (training and sampling)
     # Architecture overrides; None takes the flavor's value. Changing them breaks checkpoint compatibility.
     depth: int | None = None  # spatial + temporal blocks together (even)
     hidden_size: int | None = None
@@ -83,10 +92,19 @@ class TrainConfig:
     clip_max_norm: float = 0.1  # gradient clipping norm, applied from clip_start_step on
     clip_start_step: int = 100_000  # no clipping before this step (the reference's start_clip_iter)
     ema_decay: float = 0.9999  # EMA of the weights; the EMA starts as a copy of the initial weights
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling, GPU only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling, GPU only); GPU presets: bf16
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (also for sampling)
+    # CUDA: bitwise repeatable steps (flash-attn's deterministic backward, cuBLAS workspace, deterministic
+    # algorithms; slower). Without it a GPU run is repeatable only to rounding: see the README.
+    deterministic: bool = False
     zero_stage: str = "2"  # DeepSpeed ZeRO: "2", "3", "3_offload" (ds_configs/*.json) or a path to a JSON
     global_batch_size: int | None = None  # optional check: must equal micro x accumulation x data-parallel
     log_every: int = 50  # steps between metric reductions/prints (no per-step host sync)
+    # Steps between the ranks' agreement on a stop signal (one gloo all-reduce; a stop waits for the next
+    # multiple). At 512 ranks a gloo ring all-reduce of one flag costs ~20-50 ms of host time (2 x 511 TCP
+    # hops), ~10-25% of a 0.2 s Latte-XL/2 step if done every step; every 50 steps it is < 0.5%, and the
+    # stop waits at most 50 steps (~10 s there) of SLURM's 180 s warning.
+    stop_check_every: int = 50
     ckpt_every: int = 10_000  # steps between checkpoints (and one at the end)
     results_dir: str = "./results"  # one run directory per job is created under it
     # Checkpoints live outside the per-job run directories so that a rerun of the same command finds them.
@@ -254,12 +272,54 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """Defaults, then the nested mapping ``data`` (e.g. a checkpoint's saved config), then ``overrides``;
     then validate."""
-    cfg = Config()
-    _apply(cfg, data, cfg)
+    cfg = resolve_saved(data)
     for item in overrides or []:
-        _apply(cfg, _parse_override(item), cfg)
+        _apply(cfg, upgrade(_parse_override(item)), cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_saved(data: dict[str, Any]) -> Config:
+    """Defaults, then ``data`` written by this or an older version (retired keys mapped or dropped, keys it
+    lacks at their defaults); not validated, so that an old run's values can be compared with a new run's."""
+    cfg = Config()
+    _apply(cfg, upgrade(data), cfg)
+    return cfg
+
+
+def upgrade(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with every key of ``RETIRED_KEYS`` moved to its successor (or dropped). A successor key that
+    ``tree`` also sets keeps its own value."""
+    flat = flatten(tree)
+    if not any(key in RETIRED_KEYS for key in flat):
+        return tree
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in RETIRED_KEYS:
+            successor = RETIRED_KEYS[key]
+            if successor is None or successor in flat:
+                continue
+            key = successor
+        out[key] = value
+    nested: dict[str, Any] = {}
+    for key, value in out.items():
+        node = nested
+        *sections, name = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return nested
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,6 +383,7 @@ def validate(cfg: Config) -> None:
             "train.gradient_accumulation_steps",
             "train.max_steps",
             "train.log_every",
+            "train.stop_check_every",
             "train.ckpt_every",
             "train.keep_last",
         ],

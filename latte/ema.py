@@ -2,16 +2,21 @@
 
 Where the shard comes from (all of it stays inside this file):
 
-* ZeRO-3: the rank's fp32 master partition of each parameter (``safe_get_local_fp32_param``; flat, padded).
+* ZeRO-3: the rank's fp32 master partition of each parameter (flat, padded): a view into the optimizer's
+  ``fp32_partitioned_groups_flat``, or ``safe_get_local_fp32_param`` per update where that layout is
+  missing or swapped to NVMe.
 * ZeRO-1/2 (and DeepSpeed's bf16 optimizer): the rank's fragment of the flat fp32 partition that each
   parameter maps to (``param._hp_mapping``: a view and its offset in the flattened parameter).
 * No sharding (a plain module or a ZeRO-0 fp32 engine): the full parameters.
 
 The EMA starts as a copy of the (synced) initial weights, i.e. one update with decay 0, as DiT does; then
-``update()`` after every optimizer step that was applied: one fused multiply-add per local tensor, no
-collective. ``consolidate()`` (a collective every rank calls) assembles the full state dict under the
-model's own key names, fixed tables (``pos_embed``, ``temp_embed``) and other frozen parameters copied from
-the model, for saving, sampling and export. Memory per rank: full fp32 EMA / data-parallel size (+ padding).
+``update()`` after every optimizer step that was applied: one ``_foreach_lerp_`` over the local tensors,
+reading the master values in place (views cached once: no per-parameter copy or stream sync), no
+collective. The EMA lives where the master weights do: on the GPU, or on the host under optimizer offload.
+``consolidate()`` (a collective every rank calls; over NCCL each host-resident tensor visits the GPU for
+its gather) assembles the full state dict under the model's own key names, fixed tables (``pos_embed``,
+``temp_embed``) and other frozen parameters copied from the model, for saving, sampling and export. Memory
+per rank: full fp32 EMA / data-parallel size (+ padding).
 """
 
 from __future__ import annotations
@@ -27,23 +32,43 @@ class _Shard:
     name: str
     param: nn.Parameter
     kind: str  # "zero3" | "fragment" | "full"
-    ema: Tensor  # fp32, this rank's part
+    ema: Tensor  # fp32, this rank's part, on the device of the master weights it follows
     start: int = 0  # "fragment": offset of this rank's part in the flattened parameter
+    master: Tensor | None = None  # a view of the fp32 master values, when DeepSpeed keeps them in place
 
 
 def _module_of(model) -> nn.Module:
     return getattr(model, "module", model)  # a DeepSpeed engine wraps the nn.Module
 
 
-def _local_master(shard: _Shard) -> Tensor:
-    """This rank's current fp32 master values of the shard's parameter (a view where DeepSpeed allows)."""
-    if shard.kind == "zero3":
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        return safe_get_local_fp32_param(shard.param)
+def _master_view(shard: _Shard) -> Tensor | None:
+    """A view of this rank's fp32 master values of the shard's parameter that stays valid across optimizer
+    steps (DeepSpeed updates and loads its flat partitions in place), or None where they move."""
     if shard.kind == "fragment":
-        return shard.param._hp_mapping.get_hp_fragment()
-    return shard.param.detach()
+        return shard.param._hp_mapping.get_hp_fragment()  # a narrow view of the flat fp32 partition
+    if shard.kind == "full":
+        return shard.param.detach() if shard.param.dtype == torch.float32 else None
+    # ZeRO-3: `safe_get_local_fp32_param` syncs a stream and copies to the accelerator on every call (with
+    # optimizer offload: a host -> device copy per parameter per update). Read the partition in place.
+    try:
+        opt = shard.param._z3_optimizer
+        group, offset, numel = opt.grad_position[opt.get_param_id(shard.param)]
+        if opt._swappable_optimizer_subgroup(group):  # NVMe swapping: the partition is not resident
+            return None
+        return opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
+    except (AttributeError, KeyError, TypeError):  # another DeepSpeed layout: the public accessor below
+        return None
+
+
+def _local_master(shard: _Shard) -> Tensor:
+    """This rank's current fp32 master values of the shard's parameter."""
+    if shard.master is not None:
+        return shard.master
+    if shard.kind != "zero3":
+        return shard.param.detach().float()
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    return safe_get_local_fp32_param(shard.param).float()
 
 
 def _kind(param: nn.Parameter) -> str | None:
@@ -56,7 +81,7 @@ def _kind(param: nn.Parameter) -> str | None:
 
 class ShardedEMA:
     """EMA of the trainable parameters of ``model`` (an nn.Module or a DeepSpeed engine), sharded like
-    the optimizer's fp32 master weights."""
+    the optimizer's fp32 master weights and kept where they live (the GPU, or the host with offload)."""
 
     def __init__(self, model, decay: float, frozen: dict[str, Tensor] | None = None) -> None:
         """``frozen``: fp32 values of the frozen parameters, taken before a bf16/fp16 engine cast them (the
@@ -72,21 +97,23 @@ class ShardedEMA:
             shard = _Shard(name, param, kind, torch.empty(0))
             if kind == "fragment":
                 shard.start = param._hp_mapping.lp_fragment_address.start
-            shard.ema = (
-                _local_master(shard).detach().float().clone()
-            )  # decay 0: a copy of the initial weights
+            shard.master = _master_view(shard)
+            shard.ema = _local_master(shard).detach().float().clone()  # decay 0: the initial weights
             self.shards.append(shard)
+
+    def refresh_masters(self) -> None:
+        """Look the master views up again (after a checkpoint load, in case DeepSpeed re-linked them)."""
+        for shard in self.shards:
+            shard.master = _master_view(shard)
 
     @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
-        """ema = decay * ema + (1 - decay) * master, on this rank's shard only."""
+        """ema <- ema + (1 - decay) * (master - ema) on this rank's shard only: one fused ``_foreach_lerp_``
+        over all local tensors, no copies, no collective (its rounding differs from mul + add)."""
         d = self.decay if decay is None else decay
         if not self.shards:
             return
-        emas = [s.ema for s in self.shards]
-        masters = [_local_master(s).float() for s in self.shards]
-        torch._foreach_mul_(emas, d)
-        torch._foreach_add_(emas, masters, alpha=1 - d)
+        torch._foreach_lerp_([s.ema for s in self.shards], [_local_master(s) for s in self.shards], 1 - d)
 
     def local_bytes(self) -> int:
         return sum(s.ema.numel() * s.ema.element_size() for s in self.shards)
@@ -115,7 +142,7 @@ class ShardedEMA:
                 out[name] = self.frozen[name].clone()
             else:  # frozen: the model's own value
                 out[name] = _full_param(param).float().cpu().clone()
-        for name, buf in module.named_buffers():
+        for name, buf in _persistent_buffers(module):  # as in the state dict (not e.g. cached frequencies)
             out[name] = buf.detach().float().cpu().clone()
         return out
 
@@ -153,6 +180,13 @@ class ShardedEMA:
         self.decay = float(state["decay"])
 
 
+def _persistent_buffers(module: nn.Module):
+    for prefix, sub in module.named_modules():
+        for name, buf in sub.named_buffers(recurse=False):
+            if name not in sub._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+
 def _full_param(param: nn.Parameter) -> Tensor:
     """A parameter's full value (gathered under ZeRO-3; read-only)."""
     if hasattr(param, "ds_id"):
@@ -163,19 +197,29 @@ def _full_param(param: nn.Parameter) -> Tensor:
     return param.detach()
 
 
+def _comm_device(local: Tensor) -> torch.device:
+    """Where a collective over the world group can take a tensor: NCCL needs CUDA tensors (an EMA that lives
+    on the host with optimizer offload goes to the GPU one parameter at a time); gloo takes them as given."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return local.device
+
+
 def _gather_zero3(param: nn.Parameter, local: Tensor) -> Tensor:
     world = torch.distributed.get_world_size()
+    local = local.to(_comm_device(local)).contiguous()
     parts = [torch.empty_like(local) for _ in range(world)]
-    torch.distributed.all_gather(parts, local.contiguous())
+    torch.distributed.all_gather(parts, local)
     flat = torch.cat(parts)[: param.ds_numel]  # partitions in rank order, padding dropped
     return flat.view(param.ds_shape).cpu()
 
 
 def _gather_fragments(param: nn.Parameter, shard: _Shard | None, dist: bool) -> Tensor:
     """Every rank adds its fragment into a zero tensor; a sum all-reduce assembles the parameter."""
-    full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+    device = _comm_device(param.detach())
+    full = torch.zeros(param.numel(), dtype=torch.float32, device=device)
     if shard is not None:
-        full[shard.start : shard.start + shard.ema.numel()] = shard.ema.to(full.device)
+        full[shard.start : shard.start + shard.ema.numel()] = shard.ema.to(device)
     if dist:
         torch.distributed.all_reduce(full)
     return full.view(param.shape).cpu()

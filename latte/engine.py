@@ -1,7 +1,8 @@
 """The one place that builds the DeepSpeed engine, and the distributed set-up it needs.
 
-* ``setup_distributed()`` finds the rank layout from torchrun/deepspeed variables or, failing those, from
-  SLURM's (``srun``), picks the accelerator (CUDA + NCCL, else CPU + gloo) and initialises the process group.
+* ``setup_distributed()`` finds the rank layout (``latte.rendezvous``: torchrun/deepspeed variables, else
+  SLURM's), picks the accelerator (CUDA + NCCL on GPU ``local_rank % visible GPUs``, else CPU + gloo), sets
+  TF32/determinism, and initialises the process group and the gloo control group.
 * ``deepspeed_config(cfg, world)`` loads the user-tunable JSON from ``ds_configs/`` and fills in what our
   config owns (batch sizes, accumulation, precision, clipping), asserting global = micro x accum x dp.
 * ``build_engine(cfg, model, world)`` wraps the model: activation checkpointing -> ``deepspeed.initialize``.
@@ -13,16 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import latte.models.attention as attention_kernels
 from latte.config import ZERO_STAGES, Config, ConfigError
+from latte.rendezvous import control_group, cuda_device_index, free_port, rendezvous_env
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 ZERO_PRESETS = dict(zip(ZERO_STAGES, ("zero2.json", "zero3.json", "zero3_offload.json"), strict=True))
@@ -40,58 +40,6 @@ class World:
         return self.rank == 0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Rendezvous: torchrun / deepspeed launcher variables, else SLURM's
-# ----------------------------------------------------------------------------------------------------------
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM nodelist: "gpu[03-05,09],cpu1" -> "gpu03" (scontrol when available)."""
-    if shutil.which("scontrol"):
-        try:
-            out = subprocess.run(
-                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10
-            )
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.split()[0]
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if first is None:
-        raise ConfigError(f"cannot parse SLURM_JOB_NODELIST '{nodelist}'")
-    prefix, _, ranges = first.groups()
-    if not ranges:
-        return prefix
-    start = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{start}"
-
-
-def rendezvous_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, derived from SLURM's variables when the launcher
-    did not set them (``srun python train.py``). Returns only the variables to add."""
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return {}
-    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
-        return {}
-    job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-    return {
-        "RANK": env["SLURM_PROCID"],
-        "WORLD_SIZE": env["SLURM_NTASKS"],
-        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "localhost")),
-        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job_id % 20000),
-    }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _disable_cpu_shm_build() -> None:
     """DeepSpeed compiles a shared-memory op for CPU inference all-reduce on init (25-50 s per fresh
     machine); training never uses it."""
@@ -101,25 +49,44 @@ def _disable_cpu_shm_build() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
-def setup_distributed() -> World:
-    """Initialise the process group (single process: a world of one) and return this rank's place in it."""
+def setup_distributed(cfg: Config | None = None) -> World:
+    """Initialise the process group (single process: a world of one) and return this rank's place in it.
+    On CUDA, ``cfg`` sets TF32 and determinism (``train.tf32``, ``train.deterministic``) before any kernel."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`
     os.environ.update(rendezvous_env())
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one, no launcher
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        index = cuda_device_index(local_rank)  # one GPU per task (cgroups) shows every rank device 0
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
+        if cfg is not None:
+            configure_cuda_numerics(cfg.train.tf32, cfg.train.deterministic)
     else:
         _disable_cpu_shm_build()
         device, backend = torch.device("cpu"), "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    control_group()  # made now, by every rank at once (it is a collective)
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def configure_cuda_numerics(tf32: bool, deterministic: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls/convolutions (``train.tf32``), and ``train.deterministic``:
+    deterministic algorithms (warnings name any op without one), cuBLAS's fixed workspace, no cuDNN
+    autotuning, flash-attn's deterministic backward. Call before the first CUDA kernel."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first handle
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        attention_kernels.set_deterministic(True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,13 +181,26 @@ def build_engine(cfg: Config, model: torch.nn.Module, world: World, load_univers
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay
-    )
+        params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay,
+        fused=fused_adamw(world.device, ds_config),
+    )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(cfg, step))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     return engine
+
+
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed config keeps the optimizer state (and fp32 master weights) off the GPU."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+def fused_adamw(device: torch.device, ds_config: dict[str, Any]) -> bool:
+    """torch's fused AdamW (one kernel for all tensors) where the master weights live on a GPU; the
+    for-each implementation elsewhere (CPU runs keep their bitwise-tested numerics)."""
+    return device.type == "cuda" and not offloads_optimizer(ds_config)
 
 
 def set_grad_clip(engine, max_norm: float) -> None:

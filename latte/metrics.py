@@ -53,35 +53,43 @@ def flops_per_sample(
     return FlopsBreakdown(float(linear), float(attention), float(adaln), float(embed))
 
 
-# Dense peak FLOP/s by device-name substring (most specific first) and compute dtype. fp32 means TF32 tensor
-# cores where the device has them (torch's default for convolutions; matmuls need allow_tf32).
+# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets, by a substring of torch.cuda.get_device_name(),
+# the most specific names first ("H100 NVL" before "H100", "GH200" before "H200"). "tf32": fp32 matmuls on
+# tensor cores (train.tf32, torch.backends.cuda.matmul.allow_tf32); "fp32": plain fp32 without it.
 PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),  # SXM
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
-    ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
-    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 417e12, "fp32": 60e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 417e12, "fp32": 60e12}),
+    ("H800 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # SXM ("H100 80GB HBM3")
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # SXM
+    ("H800", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # SXM
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("A800", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12}),
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
 ]
 
 
-def peak_for_name(name: str, precision: str) -> float | None:
-    """Table lookup by device name (first matching substring); None when unknown."""
+def peak_for_name(name: str, precision: str, tf32: bool = True) -> float | None:
+    """Table lookup by device name (first matching substring); None when unknown. fp32 counts at the TF32
+    peak only when TF32 is on."""
+    column = "tf32" if precision == "fp32" and tf32 else precision
     for key, peaks in PEAK_FLOPS:
         if key in name:
-            return peaks.get(precision)
+            return peaks.get(column)
     return None
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
+def peak_flops(device: torch.device, precision: str, tf32: bool = True) -> tuple[float | None, str]:
     """(peak FLOP/s, device name) for MFU; None when the device is not in the table (e.g. CPU)."""
     if device.type != "cuda":
         return None, "cpu"
     name = torch.cuda.get_device_name(device)
-    return peak_for_name(name, precision), name
+    return peak_for_name(name, precision, tf32), name
 
 
 class MetricsLogger:

@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from latte.rendezvous import control_group
+
 EXIT_PREEMPTED = 3  # checkpoint written after a stop request: requeue and resume (0 done, 1 crash, 2 config)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -26,7 +28,6 @@ class StopFlag:
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         self.received: int | None = None
         self.requested = False  # the ranks agreed to stop
-        self._group = None
         for sig in signals:
             signal.signal(sig, self._on_signal)
 
@@ -42,11 +43,8 @@ class StopFlag:
         if self.requested:
             return True
         local = torch.tensor([int(self.received is not None)], dtype=torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if self._group is None:  # a CPU group for the flag even when training runs on NCCL
-                self._group = (
-                    dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-                )
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group)
+        group = control_group()  # CPU (gloo) even when training runs on NCCL; None in a world of one
+        if group is not None:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
         self.requested = bool(local.item())
         return self.requested

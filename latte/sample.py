@@ -27,16 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latte.builders import build_diffusion, build_model
+from latte.builders import attention_line, build_diffusion, build_model
 from latte.checkpoint import atomic_write
 from latte.config import Config, ConfigError, sampler_of
+from latte.engine import configure_cuda_numerics
 from latte.models import Latte
 from latte.sampling import decoding, media
 from latte.sampling.generate import class_of, rank_samples, steps_per_batch, total_frames
 from latte.sampling.progress import Progress
 from latte.sampling.ranks import batches_of, end_group, gather_to_main, ranks_from_env, start_group
 from latte.sampling.weights import WEIGHTS, check_fits, load_source
-from latte.vae import VaeError, decode, load_autoencoder
+from latte.vae import DTYPES, VaeError, decode, load_autoencoder
 
 FLAGS = {  # flag -> the config key it sets
     "num_samples": "sample.num_samples",
@@ -147,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
     say = print if ranks.is_main else (lambda *a, **k: None)
     warn = (lambda m: print(m, file=sys.stderr)) if ranks.is_main else (lambda m: None)
     model, cfg, weights = load_model(args, device)
+    if device.type == "cuda":
+        configure_cuda_numerics(cfg.train.tf32, cfg.train.deterministic)
     say(f"weights: {weights}")
+    say(attention_line(cfg, device, DTYPES[cfg.sample.precision]))
     decoder = load_decoder(args, cfg, device, warn)
     say(f"VAE {decoder.vae_id} (from {decoder.vae_from}); scaling factor {decoder.factor:g} from "
         f"{decoder.factor_from}")  # fmt: skip

@@ -276,3 +276,48 @@ def test_explicit_flash_on_cpu_warns_and_equals_sdpa() -> None:
         warnings.simplefilter("ignore")
         assert resolve_backend("flash", q) == "sdpa"
         assert torch.equal(attention(q, k, v, backend="flash"), attention(q, k, v, backend="sdpa"))
+
+
+def test_report_names_the_kernel_and_why_faster_ones_were_not_taken() -> None:
+    line = attn_mod.report("auto", torch.device("cpu"), torch.float32, head_dim=16, num_heads=4)
+    assert line.startswith("attention: 'sdpa' (requested 'auto'; cpu float32, head dim 16); not taken: ")
+    for backend in ("flash3", "flash", "xformers"):
+        assert f"{backend}: " in line
+    if not attn_mod.flash_available():  # the import error itself, not a bare "missing"
+        assert "flash: flash_attn does not import (ModuleNotFoundError: No module named 'flash_attn')" in line
+    explicit = attn_mod.report("math", torch.device("cpu"), torch.float32, head_dim=16, num_heads=4)
+    assert explicit == "attention: 'math' (requested 'math'; cpu float32, head dim 16)"
+
+
+class _FakeCuda:
+    """What resolve_backend reads of q, as a CUDA tensor would answer (no GPU needed)."""
+
+    is_cuda = True
+    dtype = torch.float32
+    shape = (1, 8, 4, 72)
+    device = torch.device("cuda", 0)
+
+
+def test_explicit_backend_that_cannot_run_on_cuda_is_an_error_auto_falls_back(monkeypatch) -> None:
+    attn_mod.load_kernels()
+    monkeypatch.setitem(attn_mod._modules, "flash", object())  # "installed"
+    monkeypatch.setitem(attn_mod._modules, "flash3", None)
+    monkeypatch.setitem(attn_mod._modules, "xformers", None)
+    reason = r"'flash' cannot run: it needs fp16/bf16 inputs, got torch.float32"
+    with pytest.raises(RuntimeError, match=reason):
+        resolve_backend("flash", _FakeCuda())
+    assert resolve_backend("auto", _FakeCuda()) == "sdpa"  # auto may fall back
+
+
+def test_a_kernel_that_failed_its_probe_is_skipped_by_auto(monkeypatch) -> None:
+    attn_mod.load_kernels()
+    q = _FakeCuda()
+    q.dtype = torch.bfloat16
+    monkeypatch.setitem(attn_mod._modules, "flash", object())
+    monkeypatch.setitem(attn_mod._modules, "flash3", None)
+    monkeypatch.setitem(attn_mod._modules, "xformers", None)
+    assert resolve_backend("auto", q) == "flash"
+    monkeypatch.setitem(attn_mod._refused, ("flash", torch.bfloat16, 72), "its kernel failed on a probe (X)")
+    assert resolve_backend("auto", q) == "sdpa"
+    with pytest.raises(RuntimeError, match="failed on a probe"):
+        resolve_backend("flash", q)

@@ -181,6 +181,7 @@ def _kill_9(proc: subprocess.Popen, ck: Path, after: int, during_save: bool) -> 
     return int(complete[-1][5:]), out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "zero, precision, kill_during_save",
     [("2", "fp32", False), ("3", "fp32", True), ("2", "bf16", True), ("3", "bf16", False)],
@@ -217,6 +218,7 @@ def test_kill_9_and_resume_auto_gives_the_same_bits(tmp_path, zero, precision, k
     ), refused.stderr
 
 
+@pytest.mark.slow
 def test_resume_none_starts_fresh_and_overwrites(tmp_path):
     short = ("train.max_steps=4", "train.ckpt_every=2", "train.log_every=2")
     first = _one_process(tmp_path, *short)
@@ -231,6 +233,7 @@ def test_resume_none_starts_fresh_and_overwrites(tmp_path):
     assert resumed.stdout.count("| loss") == 1
 
 
+@pytest.mark.slow
 def test_world_size_change_2_to_1_and_export(tmp_path):
     """A 2-rank checkpoint resumed on 1 rank (universal conversion, EMA re-sharded) follows the 2-rank run to
     fp32 rounding; then `python -m latte.export` writes weights that load strictly into the model."""
@@ -273,6 +276,7 @@ def test_world_size_change_2_to_1_and_export(tmp_path):
     assert export_main([str(ck2), "--step", "30", str(tmp_path / "x.pt")]) == 2
 
 
+@pytest.mark.slow
 def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_is_exact(tmp_path):
     """SLURM's warning signal reaches one rank: every rank stops at the same step boundary, a checkpoint is
     written there (not on the ckpt_every grid), the job exits 3; the resumed run ends bit-equal. Trained on
@@ -301,6 +305,7 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_
     (tag,) = [p.name for p in ck.glob("step_*")]
     step = int(tag[5:])
     assert 0 < step < STEPS and (ck / "latest").read_text() == tag and (ck / tag / "COMPLETE").is_file()
+    assert step % 5 == 0  # the ranks agree on stop signals every train.stop_check_every (tiny.yaml: 5) steps
     assert f"stopped at step {step} on request" in out and "received SIGUSR1" in out, out[-3000:]
     out = _finish(_start(broken, overrides))
     assert f"resumed from {ck / tag} at step {step}" in out, out[-3000:]
@@ -310,6 +315,7 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_
     assert_same_checkpoint(tmp_path / "unbroken" / "checkpoints" / tag_for(STEPS), ck / tag_for(STEPS))
 
 
+@pytest.mark.slow
 def test_world_size_change_1_to_2_under_zero_3(tmp_path):
     """A 1-rank ZeRO-3 checkpoint resumed on 2 ranks (universal conversion, EMA re-sharded, the synthetic
     stream re-split at the step boundary): training continues from the step, on the same data, and follows

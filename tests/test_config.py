@@ -35,6 +35,7 @@ def test_presets_follow_the_reference(preset, classes, clip_start):
     assert cfg.train.ema_decay == pytest.approx(0.9999)
     assert (cfg.train.clip_max_norm, cfg.train.clip_start_step) == (pytest.approx(0.1), clip_start)
     assert cfg.diffusion.sampling_steps == "250" and cfg.diffusion.noise_schedule == "linear"
+    assert cfg.train.precision == "bf16" and cfg.train.tf32  # GPU presets: flash-attn's precision
 
 
 def test_overrides_are_typed():
@@ -55,7 +56,10 @@ def test_overrides_are_typed():
         ("train.max_steps=ten", "config key 'train.max_steps' expects int, got 'ten'"),
         ("model.learn_sigma=1", "config key 'model.learn_sigma' expects bool"),
         ("model.name=Latte-XL/3", "model.name 'Latte-XL/3' is not a Latte flavor (did you mean"),
-        ("model.attention=flashy", "model.attention 'flashy' is not one of auto, flash, xformers, sdpa"),
+        (
+            "model.attention=flashy",
+            "model.attention 'flashy' is not one of auto, flash3, flash, xformers, sdpa",
+        ),
         ("train.precision=fp8", "train.precision 'fp8' is not one of fp32, bf16, fp16"),
         ("data.image_size=200", "patch size 2 of Latte-XL/2 does not divide the latent size 25"),
         ("model.num_heads=5", "hidden size 1152 is not divisible by num_heads 5"),

@@ -411,6 +411,7 @@ def test_s3_missing_shard_fails_at_start_naming_it(s3_bucket):
     assert f"s3://{bucket}/{key}" in one_line(info)
 
 
+@pytest.mark.slow
 def test_s3_server_restart_mid_epoch_keeps_the_epoch_exact(s3_bucket, seaweed, tmp_path):
     # 256 KiB per sample: 25 MiB shards, more than the socket buffers hold, so the server dies mid-body
     counts, shape = [100, 100], (16, 4, 32, 32)

@@ -44,3 +44,25 @@ def test_peak_table():
     assert peak_for_name("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert peak_for_name("Some Future GPU", "bf16") is None
     assert peak_flops(torch.device("cpu"), "fp32") == (None, "cpu")
+
+
+@pytest.mark.parametrize(
+    "name, bf16",
+    [
+        ("NVIDIA H100 NVL", 835e12),  # not the SXM figure its "H100" substring would give
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA H800 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA H800", 989e12),
+    ],
+)
+def test_specific_names_before_their_families(name, bf16):
+    assert peak_for_name(name, "bf16") == bf16
+
+
+def test_fp32_peak_is_tf32_only_with_tf32_on():
+    assert peak_for_name("NVIDIA H100 80GB HBM3", "fp32", tf32=True) == 494e12
+    assert peak_for_name("NVIDIA H100 80GB HBM3", "fp32", tf32=False) == 67e12
+    assert peak_for_name("NVIDIA A100-SXM4-80GB", "fp32", tf32=False) == 19.5e12
+    assert peak_for_name("NVIDIA B200", "fp32", tf32=False) is None  # not in the table: MFU n/a

@@ -114,6 +114,7 @@ def test_ddim_eta_0_depends_on_x_T_only(model):
     assert sampler_of(load_config(TINY, ["sample.sampler=ddpm"])) == "ddpm"
 
 
+@pytest.mark.slow
 def test_respacing_all_1000_steps_equals_the_unrespaced_process(model):
     kinds = {k: getattr(create_diffusion(""), k) for k in ("model_mean_type", "model_var_type", "loss_type")}
     base = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), **kinds)

@@ -23,6 +23,8 @@ from test_shard_latents import OPTIONS, VIDEOS, read_samples
 from data_pipeline.index import load_index
 from latte.checkpoint import tag_for
 
+pytestmark = pytest.mark.slow  # a real slurmctld + slurmd, whole jobs
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SH, SHARD_SH = REPO / "launch/slurm/train.sh", REPO / "launch/slurm/shard.sh"
 TINY = REPO / "configs" / "tiny.yaml"

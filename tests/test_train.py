@@ -18,6 +18,7 @@ def _losses(stdout: str) -> list[float]:
     return [float(m) for m in re.findall(r"\| loss ([0-9.]+) \|", stdout)]
 
 
+@pytest.mark.slow
 def test_train_tiny_loss_falls(tmp_path):
     cmd = [
         sys.executable,
@@ -58,6 +59,7 @@ def test_train_rejects_bad_input_with_one_line(args, message, tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_readme_demo_command(tmp_path):
     """Runs `bash scripts/demo.sh` for real when the suite runs in the project's own environment (CI)."""
     if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():

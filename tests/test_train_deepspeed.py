@@ -44,10 +44,12 @@ def _run(tmp_path: Path, name: str, world_size: int, overrides: list[str]) -> di
     return run_ranks(train_and_collect, world_size, (base + overrides,), tmp_path / name)[0]
 
 
-@pytest.mark.parametrize("zero", ["2", "3"])
-def test_layouts_of_one_global_batch_train_identically(tmp_path, zero):
-    """2 ranks x b == 1 rank x 2b == 1 rank x b x accumulation 2 (loss trajectory and final weights)."""
-    common = [f"train.zero_stage={zero}"]
+@pytest.mark.slow
+@pytest.mark.parametrize("zero, dropout", [("2", 0.0), ("3", 0.0), ("2", 0.5)])
+def test_layouts_of_one_global_batch_train_identically(tmp_path, zero, dropout):
+    """2 ranks x b == 1 rank x 2b == 1 rank x b x accumulation 2 (loss trajectory and final weights). With
+    label dropout too: it is drawn per global sample (latte.seeding), not from each rank's RNG."""
+    common = [f"train.zero_stage={zero}", f"model.class_dropout_prob={dropout}"]
     two_ranks = _run(tmp_path, "2xb", 2, common + ["train.micro_batch_size=4"])
     one_rank = _run(tmp_path, "1x2b", 1, common + ["train.micro_batch_size=8"])
     accumulated = _run(
@@ -67,6 +69,7 @@ def test_layouts_of_one_global_batch_train_identically(tmp_path, zero):
     assert moved, "the zero-initialised adaLN layers should have trained"
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_identically(tmp_path):
     plain = _run(tmp_path, "plain", 1, ["model.gradient_checkpointing=false"])
     recomputed = _run(tmp_path, "ckpt", 1, ["model.gradient_checkpointing=true"])
@@ -116,6 +119,7 @@ def _launch(
     )
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_zero3_bf16(tmp_path):
     out = _launch("deepspeed", ["train.max_steps=20", "train.zero_stage=3", "train.precision=bf16"], tmp_path)
     _check_run(out)
@@ -124,10 +128,12 @@ def test_deepspeed_launcher_zero3_bf16(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard events missing"
 
 
+@pytest.mark.slow
 def test_torchrun_zero2(tmp_path):
     _check_run(_launch("torchrun", ["train.max_steps=20", "train.zero_stage=2"], tmp_path))
 
 
+@pytest.mark.slow
 def test_slurm_style_environment(tmp_path):
     """Two plain processes with only SLURM's variables, as `srun python train.py` starts them."""
     port = str(free_port())
@@ -160,6 +166,7 @@ def test_slurm_style_environment(tmp_path):
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_config_is_one_line_before_anything_hangs(tmp_path, override, message):
     if "fp16" in override and torch.cuda.is_available():
         pytest.skip("fp16 is supported on this machine")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,10 +93,29 @@ def _extract_into_tensor(
     Returns:
         float32 tensor of shape ``broadcast_shape``.
     """
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    res = _on_device(arr, timesteps.device)[timesteps].float()
     while res.ndim < len(broadcast_shape):
         res = res[..., None]
     return res + torch.zeros(tuple(broadcast_shape), device=timesteps.device)
+
+
+# float64 copies of the schedule arrays per device: id(array) -> (weak reference to it, {device: tensor}).
+# Copying an array host -> device on every call was a blocking transfer, about a dozen per training step.
+_DEVICE_COPIES: dict[int, tuple[weakref.ref, dict[torch.device, torch.Tensor]]] = {}
+
+
+def _on_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``torch.from_numpy(arr)`` on ``device`` (float64, the same bits), copied once per array and device.
+    The entry lives as long as the array (a temporary array's entry goes with it)."""
+    entry = _DEVICE_COPIES.get(id(arr))
+    if entry is None or entry[0]() is not arr:  # new, or another array reusing a freed one's id
+        key = id(arr)
+        entry = (weakref.ref(arr, lambda _ref, key=key, table=_DEVICE_COPIES: table.pop(key, None)), {})
+        _DEVICE_COPIES[key] = entry
+    copies = entry[1]
+    if device not in copies:
+        copies[device] = torch.from_numpy(arr).to(device=device)
+    return copies[device]
 
 
 def _randn(
@@ -223,6 +243,13 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
+        # Reverse-process variances as arrays, not rebuilt per call (each array's device copy is cached).
+        self.log_betas = np.log(betas)
+        # FIXED_LARGE: beta_t, except at t = 0 where the posterior variance of t = 1 gives a better decoder
+        # NLL (one step: beta itself).
+        large = np.append(self.posterior_variance[1], betas[1:]) if len(betas) > 1 else betas
+        self.fixed_large_variance = large
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
 
     # ------------------------------------------------------------------ forward process
 
@@ -308,15 +335,13 @@ class GaussianDiffusion:
                 model_log_variance = model_var_values
             else:
                 min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(np.log(self.betas), t, x.shape)
+                max_log = _extract_into_tensor(self.log_betas, t, x.shape)
                 frac = (model_var_values + 1) / 2  # [-1, 1] -> [0, 1], from min_var to max_var
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # beta_t, except at t = 0 where the posterior variance of t = 1 gives a better decoder NLL.
-                var_arr = np.append(self.posterior_variance[1], self.betas[1:])
-                log_var_arr = np.log(var_arr)
+                var_arr, log_var_arr = self.fixed_large_variance, self.fixed_large_log_variance
             else:
                 var_arr, log_var_arr = self.posterior_variance, self.posterior_log_variance_clipped
             model_variance = _extract_into_tensor(var_arr, t, x.shape)
@@ -509,7 +534,7 @@ class GaussianDiffusion:
         dev = _infer_device(model, noise, device)
         img = noise if noise is not None else _randn(shape, generator, None, dev)
         for i in self._timestep_iter(progress):
-            t = torch.tensor([i] * shape[0], device=dev)
+            t = torch.full((shape[0],), i, device=dev)  # a fill on the device, no host copy
             with torch.no_grad():
                 if known is not None:  # the known frames as the forward process has them at t (fresh noise)
                     img = known.put(self.q_sample(known.x0, t, noise=_randn_like(known.x0, generator)), img)

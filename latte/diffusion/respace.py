@@ -60,10 +60,13 @@ class _WrappedModel:
         self.model = model
         self.timestep_map = list(timestep_map)
         self.original_num_steps = original_num_steps
+        self._maps: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # one host copy per device
 
     def __call__(self, x: torch.Tensor, ts: torch.Tensor, **kwargs: Any) -> Any:
-        map_tensor = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        return self.model(x, map_tensor[ts], **kwargs)
+        key = (ts.device, ts.dtype)
+        if key not in self._maps:
+            self._maps[key] = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        return self.model(x, self._maps[key][ts], **kwargs)
 
 
 class SpacedDiffusion(GaussianDiffusion):

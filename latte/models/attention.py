@@ -1,4 +1,5 @@
-"""Multi-head attention with interchangeable kernels: flash-attn, xformers, torch SDPA and plain math.
+"""Multi-head attention with interchangeable kernels: FlashAttention-3 (Hopper), flash-attn 2, xformers, torch
+SDPA and plain math.
 
 Every backend takes q, k, v as (B, N, H, D) and returns (B, Nq, H, D), with the same semantics:
 
@@ -10,7 +11,11 @@ Every backend takes q, k, v as (B, N, H, D) and returns (B, Nq, H, D), with the 
 
 ``math`` is the reference path: it reproduces the original Latte attention operation for operation.
 ``auto`` picks the fastest backend that can run the given tensors (device, dtype, head dim) and falls back
-cleanly when a package is missing or refuses the input (xformers raises NotImplementedError on CPU).
+cleanly when a package is missing or refuses the input (xformers raises NotImplementedError on CPU). An
+explicit backend that cannot run is an error on CUDA and a warning + sdpa on CPU. ``report()`` says, once
+at start-up, what runs and why each faster kernel does not (its import error, dtype, head dim, GPU).
+The per-call choice reads only dicts filled beforehand by ``load_kernels()``, so ``torch.compile`` traces
+it without graph breaks.
 """
 
 from __future__ import annotations
@@ -24,35 +29,71 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
+BACKENDS = ("auto", "flash3", "flash", "xformers", "sdpa", "math")
 _HALF = (torch.float16, torch.bfloat16)
+_PACKAGES = {"flash3": "flash_attn_interface", "flash": "flash_attn", "xformers": "xformers.ops"}
+# auto's order on CUDA (the fastest first); sdpa is the fallback everywhere.
+_AUTO_CHAIN = ("flash3", "flash", "xformers")
+_FALLBACK_CHAIN = {"auto": _AUTO_CHAIN, "flash3": ("flash3",), "flash": ("flash",), "xformers": ("xformers",)}
+
+# Filled once by `load_kernels()`, outside any traced region (model construction calls it), so that the
+# per-call choice below is plain dict and attribute reads that torch.compile traces without graph breaks.
+_modules: dict[str, object | None] = {}
+_import_errors: dict[str, str] = {}
+_hopper_devices: set[int] = set()  # CUDA device indices of compute capability 9.x (FlashAttention-3)
+_refused: dict[tuple[str, torch.dtype, int], str] = {}  # (backend, dtype, head dim) -> what a probe raised
+_deterministic = [False]  # flash kernels' deterministic backward (`set_deterministic`)
 
 
-@functools.cache
-def _optional_module(name: str):
-    """Import an optional kernel package once; None when it is missing or broken."""
-    try:
-        return importlib.import_module(name)
-    except Exception:  # ImportError, or a CUDA-linked package failing to load its library
-        return None
+def load_kernels() -> None:
+    """Import the optional kernel packages once and remember why each that failed did (idempotent)."""
+    if _modules:
+        return
+    for backend, name in _PACKAGES.items():
+        try:
+            _modules[backend] = importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a CUDA-linked package failing to load its library
+            _modules[backend] = None
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _import_errors[backend] = f"{name} does not import ({type(exc).__name__}: {first})"
+    if torch.cuda.is_available():
+        _hopper_devices.update(
+            i for i in range(torch.cuda.device_count()) if torch.cuda.get_device_capability(i)[0] == 9
+        )
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic backward for the flash kernels (slower; ``train.deterministic``)."""
+    _deterministic[0] = enabled
 
 
 def flash_available() -> bool:
-    return _optional_module("flash_attn") is not None
+    load_kernels()
+    return _modules["flash"] is not None
 
 
 def xformers_available() -> bool:
-    return _optional_module("xformers.ops") is not None
+    load_kernels()
+    return _modules["xformers"] is not None
 
 
-def _usable(backend: str, q: Tensor) -> bool:
-    """Whether ``backend`` can run on these tensors at all (device, dtype, head dim, package present)."""
+def why_not(backend: str, q: Tensor) -> str | None:
+    """Why ``backend`` cannot run on tensors like ``q`` (device, dtype, head dim, package), or None."""
     if backend in ("sdpa", "math"):
-        return True
+        return None
+    if _modules.get(backend) is None:
+        return _import_errors.get(backend, f"{_PACKAGES[backend]} is not loaded")
+    if not q.is_cuda:
+        return "it needs CUDA tensors"
     head_dim = q.shape[-1]
-    if backend == "flash":
-        return flash_available() and q.is_cuda and q.dtype in _HALF and head_dim <= 256 and head_dim % 8 == 0
-    return backend == "xformers" and xformers_available() and q.is_cuda
+    if backend in ("flash", "flash3"):
+        if q.dtype not in _HALF:
+            return f"it needs fp16/bf16 inputs, got {q.dtype} (train.precision bf16)"
+        if head_dim > 256 or head_dim % 8:
+            return f"it needs a head dim <= 256 and a multiple of 8, got {head_dim}"
+        if backend == "flash3" and q.device.index not in _hopper_devices:
+            return "FlashAttention-3 runs on Hopper (sm90) GPUs only"
+    return _refused.get((backend, q.dtype, head_dim))
 
 
 def _check_backend(name: str) -> None:
@@ -63,17 +104,20 @@ def _check_backend(name: str) -> None:
 def resolve_backend(requested: str, q: Tensor) -> str:
     """The backend that will actually run for ``requested`` on tensors like ``q``.
 
-    ``auto`` prefers flash > xformers > sdpa. An explicit GPU backend that cannot run here falls back along
-    the same chain (with one warning per pair), so one config serves a GPU cluster and a CPU test machine.
+    ``auto`` prefers flash3 > flash > xformers > sdpa among those that can run. An explicit backend that
+    cannot run is an error on CUDA (naming the reason); on CPU it falls back to sdpa with one warning per
+    pair, so one config serves a GPU cluster and a CPU test machine.
     """
     _check_backend(requested)
     if requested in ("sdpa", "math"):
         return requested
-    chain = {"auto": ("flash", "xformers"), "flash": ("flash", "xformers"), "xformers": ("xformers",)}
-    for candidate in chain[requested]:
-        if _usable(candidate, q):
+    for candidate in _FALLBACK_CHAIN[requested]:
+        reason = why_not(candidate, q)
+        if reason is None:
             return candidate
     if requested != "auto":
+        if q.is_cuda:
+            raise RuntimeError(f"attention backend {requested!r} cannot run: {reason}")
         _warn_fallback(requested, "sdpa", f"{q.device.type}/{q.dtype}")
     return "sdpa"
 
@@ -81,6 +125,45 @@ def resolve_backend(requested: str, q: Tensor) -> str:
 @functools.cache
 def _warn_fallback(requested: str, used: str, where: str) -> None:
     warnings.warn(f"attention backend {requested!r} cannot run on {where}; using {used!r}", stacklevel=3)
+
+
+def probe(device: torch.device, dtype: torch.dtype, head_dim: int, num_heads: int) -> None:
+    """Run each kernel that claims to fit once on a tiny input; one that raises is remembered as refused
+    (``why_not`` then gives the error and ``auto`` skips it). Call before training or sampling, not traced."""
+    load_kernels()
+    q = torch.randn(1, 8, num_heads, head_dim, device=device, dtype=dtype)
+    mask = torch.ones(1, 8, dtype=torch.bool, device=device)
+    mask[0, -1] = False
+    for backend in _AUTO_CHAIN:
+        if why_not(backend, q) is not None:
+            continue
+        try:
+            for m in (None, mask):
+                _KERNELS[backend](q, q, q, m)
+        except Exception as exc:  # noqa: BLE001 (whatever the kernel raises is the reason it cannot run)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _refused[(backend, dtype, head_dim)] = (
+                f"its kernel failed on a probe ({type(exc).__name__}: {first})"
+            )
+
+
+def report(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, num_heads: int) -> str:
+    """One line: the backend the model's attention runs for ``requested`` on this device/dtype/head dim, and
+    why each faster one was not taken. Probes the kernels first. Raises ``RuntimeError`` (naming the reason)
+    for an explicit backend that cannot run on CUDA."""
+    probe(device, dtype, head_dim, num_heads)
+    q = torch.empty(1, 1, num_heads, head_dim, device=device, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the line below says it
+        used = resolve_backend(requested, q)
+    kind = str(dtype).replace("torch.", "")
+    line = f"attention: {used!r} (requested {requested!r}; {device.type} {kind}, head dim {head_dim})"
+    if requested == "auto":  # why each faster kernel was not taken
+        faster = _AUTO_CHAIN[: _AUTO_CHAIN.index(used)] if used in _AUTO_CHAIN else _AUTO_CHAIN
+        line += "; not taken: " + "; ".join(f"{b}: {why_not(b, q)}" for b in faster) if faster else ""
+    elif used != requested:
+        line += f"; {requested}: {why_not(requested, q)}"
+    return line
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -106,7 +189,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _xformers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    xops = _optional_module("xformers.ops")
+    xops = _modules["xformers"]
     bias = None
     if mask is not None:
         b, nq, h, _ = q.shape
@@ -117,22 +200,36 @@ def _xformers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias)  # (B, Nq, H, D)
 
 
-def _flash(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    fa = _optional_module("flash_attn")
-    if mask is None:
-        return fa.flash_attn_func(q, k, v)  # (B, Nq, H, D)
-    # Key padding through the varlen kernel: every query is kept, keys are unpadded per sequence.
+def _varlen(func: Callable, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, **kw) -> Tensor:
+    """Key padding through a flash varlen kernel: every query is kept, keys are unpadded per sequence."""
     b, nq, h, d = q.shape
     nk = k.shape[1]
     cu_q = torch.arange(0, (b + 1) * nq, nq, device=q.device, dtype=torch.int32)  # (B+1,)
     lengths = mask.sum(dim=1, dtype=torch.int32)  # (B,)
     cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (B+1,)
     k_unpad, v_unpad = k[mask], v[mask]  # (total_k, H, D); boolean indexing syncs with the host
-    out = fa.flash_attn_varlen_func(q.reshape(b * nq, h, d), k_unpad, v_unpad, cu_q, cu_k, nq, nk)
+    out = func(q.reshape(b * nq, h, d), k_unpad, v_unpad, cu_q, cu_k, nq, nk, **kw)
+    out = out[0] if isinstance(out, tuple) else out  # some FlashAttention-3 versions also return the LSE
     return out.reshape(b, nq, h, d)  # (B*Nq, H, D) -> (B, Nq, H, D)
 
 
+def _flash(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    fa = _modules["flash"]
+    if mask is None:
+        return fa.flash_attn_func(q, k, v, deterministic=_deterministic[0])  # (B, Nq, H, D)
+    return _varlen(fa.flash_attn_varlen_func, q, k, v, mask, deterministic=_deterministic[0])
+
+
+def _flash3(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    fa3 = _modules["flash3"]
+    if mask is None:
+        out = fa3.flash_attn_func(q, k, v, deterministic=_deterministic[0])
+        return out[0] if isinstance(out, tuple) else out  # (B, Nq, H, D)
+    return _varlen(fa3.flash_attn_varlen_func, q, k, v, mask, deterministic=_deterministic[0])
+
+
 _KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]] = {
+    "flash3": _flash3,
     "flash": _flash,
     "xformers": _xformers,
     "sdpa": _sdpa,
@@ -154,14 +251,16 @@ def attention(
         has_keys = key_padding_mask.any(dim=1)  # (B,)
         # Fully masked sequences attend to everything (finite), then their output is zeroed below.
         key_padding_mask = key_padding_mask | ~has_keys[:, None]
+    load_kernels()  # a no-op after the first call (model construction makes it); keeps direct calls working
     name = resolve_backend(backend, q)
-    try:
+    if name in ("sdpa", "math"):
         out = _KERNELS[name](q, k, v, key_padding_mask)
-    except NotImplementedError:  # a kernel package that imports but refuses this input
-        if name not in ("flash", "xformers"):
-            raise
-        _warn_fallback(name, "sdpa", f"{q.device.type}/{q.dtype} (NotImplementedError)")
-        out = _sdpa(q, k, v, key_padding_mask)
+    else:
+        try:
+            out = _KERNELS[name](q, k, v, key_padding_mask)
+        except NotImplementedError:  # a kernel package that imports but refuses this input
+            _warn_fallback(name, "sdpa", f"{q.device.type}/{q.dtype} (NotImplementedError)")
+            out = _sdpa(q, k, v, key_padding_mask)
     if has_keys is not None:
         out = out * has_keys[:, None, None, None].to(out.dtype)
     return out
@@ -179,6 +278,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto") -> None:
         super().__init__()
         _check_heads_and_backend(dim, num_heads, backend)
+        load_kernels()  # here, not in forward: the per-call choice must stay traceable
         self.num_heads = num_heads
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -204,6 +304,7 @@ class CrossAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_heads_and_backend(dim, num_heads, backend)
+        load_kernels()
         self.num_heads = num_heads
         self.backend = backend
         self.q = nn.Linear(dim, dim, bias=qkv_bias)

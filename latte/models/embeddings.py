@@ -21,11 +21,25 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj(x)  # (B, C, H, W) -> (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (B, D, T) -> (B, T, D), T = (H/p)(W/p) row-major
+        # (B, D, T) -> (B, T, D), T = (H/p)(W/p) row-major. Contiguous: the residual stream starts here, and a
+        # channel-first view (stride(-1) == T) would make every block's LayerNorm copy and every add stride.
+        return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
+    """(dim // 2,) float32 frequencies of the sinusoidal timestep features, computed on the CPU (as GLIDE/DiT
+    compute them, so the values are the reference's bits on every device)."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
 
 
 class TimestepEmbedder(nn.Module):
-    """Diffusion step t -> vector: sinusoidal frequencies (cos first, as GLIDE/DiT) through a 2-layer MLP."""
+    """Diffusion step t -> vector: sinusoidal frequencies (cos first, as GLIDE/DiT) through a 2-layer MLP.
+
+    The frequencies are a non-persistent buffer: built once, moved with the module (no host-to-device copy
+    per step), absent from the state dict, and kept fp32 when the module is cast to bf16/fp16 (a DeepSpeed
+    engine casts the whole module): ``_apply`` rebuilds them on the new device from the float32 values.
+    """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
         super().__init__()
@@ -35,13 +49,22 @@ class TimestepEmbedder(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
+        self.register_buffer("freqs", timestep_frequencies(frequency_embedding_size), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.freqs.dtype != torch.float32:  # a cast: the exact fp32 values again, on the new device
+            self.freqs = timestep_frequencies(self.frequency_embedding_size).to(self.freqs.device)
+        return self
 
     @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-        """(N,) possibly fractional timesteps -> (N, dim) float32 [cos | sin] features."""
-        half = dim // 2
-        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
-        freqs = torch.exp(exponent).to(device=t.device)  # (half,)
+    def timestep_embedding(
+        t: Tensor, dim: int, max_period: float = 10000.0, freqs: Tensor | None = None
+    ) -> Tensor:
+        """(N,) possibly fractional timesteps -> (N, dim) float32 [cos | sin] features. ``freqs``: the
+        precomputed ``timestep_frequencies(dim, max_period)`` on t's device (else built here)."""
+        if freqs is None:
+            freqs = timestep_frequencies(dim, max_period).to(device=t.device)  # (half,)
         args = t[:, None].float() * freqs[None]  # (N, half)
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*half)
         if dim % 2:
@@ -49,7 +72,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: Tensor) -> Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, freqs=self.freqs)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
 
 

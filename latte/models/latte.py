@@ -207,14 +207,21 @@ class Latte(nn.Module):
         return token_mask.expand(n, f, t)
 
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        force_drop_ids: Tensor | None = None,
     ) -> Tensor:
         """Predict noise (and variance values) for noisy latents.
 
         x: (N, F, C, H, W) noisy latents, F <= num_frames; t: (N,) diffusion steps; y: (N,) class labels
         (class-conditional models only); attention_mask: (N, F) bool, True = real frame (padded frames are
-        ignored as keys by the temporal and spatial attention), or (N, F, T) per token. Returns
-        (N, F, C_out, H, W).
+        ignored as keys by the temporal and spatial attention), or (N, F, T) per token; force_drop_ids: (N,)
+        1 = replace the label by the "no class" one (label dropout drawn by the caller, e.g. per global
+        sample in training; without it a training-mode forward draws the dropout itself).
+        Returns (N, F, C_out, H, W).
         """
         n, f, ch, h, w = x.shape
         if f > self.num_frames:
@@ -230,7 +237,7 @@ class Latte(nn.Module):
         if self.num_classes:
             if y is None:
                 raise ValueError("class-conditional Latte needs labels y")
-            c = c + self.y_embedder(y, self.training)
+            c = c + self.y_embedder(y, self.training, force_drop_ids)
 
         spatial_mask = temporal_mask = None
         if attention_mask is not None:

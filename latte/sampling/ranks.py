@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from latte.engine import rendezvous_env
+from latte.rendezvous import cuda_device_index, rendezvous_env
 
 GATHER_TIMEOUT = datetime.timedelta(hours=12)
 
@@ -38,7 +38,7 @@ class Ranks:
     def device(self) -> torch.device:
         """This rank's GPU (local rank modulo the GPUs), else the CPU."""
         if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            return torch.device("cuda", cuda_device_index(self.local_rank))
         return torch.device("cpu")
 
 
