@@ -17,6 +17,7 @@ warning before preemption or the time limit: requeue, and ``train.resume=auto`` 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import re
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from latte.builders import build_diffusion, build_model
+from latte.checkpoint import SaveError
 from latte.config import Config, ConfigError, load_config, resolved_arch
 from latte.preemption import EXIT_PREEMPTED, StopFlag
 
@@ -117,20 +119,44 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return tensor.to(device, dtype, non_blocking=True)
 
 
+class DivergedError(ConfigError):
+    """The loss became NaN/inf: the run stops without a checkpoint (exit 2, not requeued)."""
+
+
+def dataset_record(cfg: Config, data) -> dict | None:
+    """What the latents were made with, recorded in every checkpoint (sampling divides by this factor)."""
+    facts = getattr(data, "facts", None)  # the dataset index's facts; None for synthetic data
+    if facts is None:
+        return None
+    return {"index": cfg.data.index, "vae": facts.vae, "scaling_factor": facts.scaling_factor}
+
+
 def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float], object, object]:
     """The training loop on this rank; returns the (all-reduced) mean loss of every logging interval, the
     DeepSpeed engine and the sharded EMA. With ``stop``, a stop signal ends the loop early at a step boundary
-    agreed by all ranks, with a checkpoint (``stop.requested`` tells the caller)."""
-    from latte.builders import attention_line
+    agreed by all ranks, with a checkpoint (``stop.requested`` and ``stop.stopped_at`` tell the caller).
+    The checkpoint directory is claimed (``latte.run_lock``) for the run's duration, whatever ends it."""
     from latte.checkpoint import CheckpointManager
+
+    data = batches_for(cfg, world)  # first: a dataset that does not fit the config fails before any build
+    checkpoints = CheckpointManager(cfg, world)
+    try:
+        return _train(cfg, world, stop, data, checkpoints)
+    finally:
+        checkpoints.close()
+
+
+def _train(
+    cfg: Config, world, stop: StopFlag | None, data, checkpoints
+) -> tuple[list[float], object, object]:
+    from latte.builders import attention_line
     from latte.ema import ShardedEMA
     from latte.engine import build_engine, set_grad_clip
     from latte.metrics import MetricsLogger, flops_per_sample, peak_flops
     from latte.seeding import TrainingDraws, batch_indices
 
-    data = batches_for(cfg, world)  # first: a dataset that does not fit the config fails before any build
-    checkpoints = CheckpointManager(cfg, world)
-    resume_from = checkpoints.find()  # a checkpoint made with another config is refused before any build
+    resume_from = checkpoints.find()  # refused (another config, dir in use, unwritable) before any build
+    checkpoints.dataset = dataset_record(cfg, data)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     random.seed(cfg.train.seed)  # python's and numpy's RNGs too: checkpoints save all three, so resumes are
     np.random.seed(cfg.train.seed)  # exact whatever library draws from them
@@ -175,6 +201,12 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
             "train.resume=none" if t_cfg.resume == "none" else f"no complete checkpoint in {checkpoints.dir}"
         )
         print(f"starting at step 0 ({why})", flush=True)
+    if start_step >= t_cfg.max_steps:
+        if world.is_main:
+            print(f"nothing to train: the run is already at step {start_step}, train.max_steps is "
+                  f"{t_cfg.max_steps} (raise train.max_steps to continue it)", flush=True)  # fmt: skip
+        logger.close()
+        return [], engine, ema
     batches = iter(data)  # after load: the stream continues where the checkpoint's left off
     # (t, noise, label dropout) of each sample from (seed, step, its index in the global batch)
     drop_prob = cfg.model.class_dropout_prob if cfg.model.num_classes else 0.0
@@ -182,6 +214,28 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
     interval_loss = torch.zeros((), device=world.device)
     history: list[float] = []
     data_wait, t0, interval_start = 0.0, time.perf_counter(), start_step
+
+    def check_finite(loss_sum: float, first: int, last: int) -> None:
+        """No checkpoint, and no further step, after a NaN/inf loss (checked where the loss is reduced)."""
+        if not math.isfinite(loss_sum):
+            latest = checkpoints.dir / "latest"
+            good = latest.read_text().strip() if latest.is_file() else "none"
+            raise DivergedError(
+                f"the loss is {loss_sum} in steps {first}-{last}: stopped without writing a checkpoint "
+                f"(latest stays {good}); lower train.lr or clip earlier (train.clip_start_step), then resume"
+            )
+
+    def save(done: int, since: int) -> None:
+        """Checkpoint after step ``done``, unless a loss since the last log (step ``since``) is not finite:
+        non-finite weights are never saved (one all-reduce and host sync, at checkpoints only)."""
+        if since < done:
+            pending = interval_loss.detach().clone()
+            torch.distributed.all_reduce(pending)
+            check_finite(pending.item(), since + 1, done)
+        checkpoints.save(done, engine, ema, data)
+
+    if stop is not None:
+        stop.arm()
     for step in range(start_step, t_cfg.max_steps):
         set_grad_clip(engine, t_cfg.clip_max_norm if step >= t_cfg.clip_start_step else 0.0)
         for a in range(accum):  # engine.step() steps the optimizer exactly at every accum-th micro-batch
@@ -204,6 +258,7 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
             steps = step + 1 - interval_start
             torch.distributed.all_reduce(interval_loss)  # the one collective + host sync per interval
             mean_loss = interval_loss.item() / (steps * ws)
+            check_finite(mean_loss, interval_start + 1, step + 1)
             history.append(mean_loss)
             elapsed = time.perf_counter() - t0
             samples_per_s = steps * global_batch / elapsed
@@ -222,16 +277,15 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
             })  # fmt: skip
             interval_loss.zero_()
             data_wait, t0, interval_start = 0.0, time.perf_counter(), step + 1
+
         saved = (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.max_steps
         if saved:
-            checkpoints.save(step + 1, engine, ema, data)
+            save(step + 1, interval_start)
         check = (step + 1) % t_cfg.stop_check_every == 0  # the same steps on every rank, across restarts
         if stop is not None and check and step + 1 < t_cfg.max_steps and stop.agreed():  # one CPU all-reduce
             if not saved:
-                checkpoints.save(step + 1, engine, ema, data)
-            if world.is_main:
-                print(f"stopped at step {step + 1} on request, checkpoint written (exit {EXIT_PREEMPTED}: "
-                      f"requeue; the next run resumes with train.resume=auto)", flush=True)  # fmt: skip
+                save(step + 1, interval_start)
+            stop.stopped_at = step + 1
             break
     logger.close()
     return history, engine, ema
@@ -266,8 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     from latte.engine import setup_distributed
 
     world = setup_distributed(cfg)
+    from data_pipeline.loader import DatasetUnreadableError
+
     try:
         history, _, _ = train(cfg, world, stop)
+    except (SaveError, DatasetUnreadableError) as e:  # found by the rank that hit it: it says so itself
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
     except ConfigError as e:  # found while building (e.g. the DeepSpeed JSON): the same on every rank
         torch.distributed.destroy_process_group()
         return _config_error(e, world.rank)
@@ -278,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)
     if world.is_main and len(history) >= 2:
         print(f"loss {history[0]:.4f} (first interval) -> {history[-1]:.4f} (last interval)", flush=True)
+    if world.is_main and stop.stopped_at is not None:  # the last line, whatever the launcher's exit code
+        why, at = stop.received, stop.stopped_at
+        print(f"stopped on request ({why}; exit {EXIT_PREEMPTED}: requeue, the next run resumes with "
+              f"train.resume=auto); checkpoint written at step {at}", flush=True)  # fmt: skip
     torch.distributed.destroy_process_group()
-    return EXIT_PREEMPTED if stop.requested else 0
+    return EXIT_PREEMPTED if stop.stopped_at is not None else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 ``--num-tasks`` defaults to the task count recorded in ``DST/job.json`` by the sharding job, so a task
 that has not written its part yet is reported instead of silently left out. Prints one summary line;
-any problem is one ``error:`` line on stderr and exit code 2.
+any problem is one ``error:`` line on stderr and exit code 2, as is an index without samples (every input
+failed: it is written, listing them, but a training job waiting on this one must not start).
 """
 
 from __future__ import annotations

@@ -76,7 +76,10 @@ class DatasetIndex:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "<index>") -> DatasetIndex:
+    def from_json(cls, data: Any, source: str = "<index>") -> DatasetIndex:
+        if not isinstance(data, dict):  # e.g. `[]`: valid JSON, but not an index
+            found = json.dumps(data)[:40]
+            raise DatasetIndexError(f"index '{source}' is malformed: expected a JSON object, found {found}")
         try:
             if data.get("format") != FORMAT:
                 raise DatasetIndexError(
@@ -147,7 +150,9 @@ def load_part(output: str, task: int) -> DatasetIndex | None:
 def merge_parts(output: str, num_tasks: int | None = None) -> DatasetIndex:
     """Merge every task's part into ``output/index.json``; facts must agree; shards sorted by url.
 
-    With ``num_tasks``, every task 0..num_tasks-1 must have written its part.
+    With ``num_tasks``, every task 0..num_tasks-1 must have written its part. An index without samples
+    (every input failed) is written all the same, since it lists the failures, and then refused with
+    ``DatasetIndexError``: the job that merges must fail, or a training job waiting on it would start.
     """
     urls = [u for u in storage.list_files(storage.join(output, PARTS_DIR)) if u.endswith(".json")]
     if not urls:
@@ -175,4 +180,9 @@ def merge_parts(output: str, num_tasks: int | None = None) -> DatasetIndex:
         failed=[f for _, p in sorted(parts.items()) for f in p.failed],
     )
     save_index(merged, output)
+    if merged.num_samples == 0:
+        raise DatasetIndexError(
+            f"dataset '{output}' has no samples: all {len(merged.failed)} inputs failed "
+            f"(listed under 'failed' in '{index_url_for(output)}')"
+        )
     return merged

@@ -20,6 +20,12 @@ Equalisation: every rank yields the same number of batches per epoch; a rank dro
 would emit beyond that (at most one shard's samples plus ``workers x (batch_size - 1)``; see ``epoch_plan``).
 Unreadable samples are replaced by readable ones of the same shuffle window (counted in ``metrics()``), so
 the batch count never changes.
+
+Errors, each one line: ``DatasetIndexError`` (the index), ``IndexMismatchError`` (index vs config) and
+``LoaderError`` (a missing shard, a dataset too small for the layout) at construction; while iterating,
+``LoaderError`` when a shard cannot be read (e.g. storage away beyond the retries: a requeue may cure it)
+and its subclass ``DatasetUnreadableError`` when every sample a worker reads is corrupt (the data itself:
+no retry cures it).
 """
 
 from __future__ import annotations
@@ -50,10 +56,10 @@ from data_pipeline.epoch_plan import (
 )
 from data_pipeline.index import DatasetFacts, index_url_for, load_index
 from data_pipeline.latent_sample import SampleSpec
-from data_pipeline.shard_reader import LoaderError
+from data_pipeline.shard_reader import DatasetUnreadableError, LoaderError
 from data_pipeline.stream_batches import PieceSource, stream_batches
 
-__all__ = ["Expected", "IndexMismatchError", "LatentLoader", "LoaderError"]
+__all__ = ["DatasetUnreadableError", "Expected", "IndexMismatchError", "LatentLoader", "LoaderError"]
 
 STATE_FORMAT = "latte-loader/1"
 METRICS = ("batches", "samples", "corrupt", "bad_shards", "substituted", "retries", "bytes")
@@ -132,7 +138,12 @@ class _RankStreams(IterableDataset):
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         info = get_worker_info()
         stream = (info.id + self.rotation) % info.num_workers if info is not None else self.rotation
-        yield from stream_batches(self.plan, self.rank, stream, self.starts[stream], self.source, self.dtype)
+        try:
+            yield from stream_batches(
+                self.plan, self.rank, stream, self.starts[stream], self.source, self.dtype
+            )
+        except DatasetUnreadableError as exc:  # handed over as an item: DataLoader would re-raise the error
+            yield {"unreadable": str(exc)}, {}  # with this worker's traceback in its message (many lines)
 
 
 class LatentLoader:
@@ -197,7 +208,7 @@ class LatentLoader:
             tuple(self.facts.latent_shape), self.facts.dtype, len(self.facts.classes) * self.labelled
         )
         self._source = PieceSource(self.urls, [s.url for s in self.index.shards], spec, Counter(),
-                                   retries, retry_backoff)  # fmt: skip
+                                   retries, retry_backoff, dataset=self.index_url)  # fmt: skip
         if check_shards:
             self._check_shards()
         self.epoch = 0
@@ -249,6 +260,8 @@ class LatentLoader:
         counts = round_robin_counts(quotas, taken)
         order = round_robin_order(quotas, taken)
         for meta, batch in self._batches(plan, taken):
+            if "unreadable" in meta:  # from a worker (see _RankStreams)
+                raise DatasetUnreadableError(meta["unreadable"])
             stream = next(order, None)
             if stream is None or (meta["stream"], meta["batch"]) != (stream, counts[stream]):
                 planned = "nothing" if stream is None else f"batch {counts[stream]} of worker {stream}"

@@ -23,6 +23,12 @@ settings, VAE) is refused rather than mixing two datasets. A task that ends and 
 complete writes ``index.json`` (so the one that finishes last does; two finishing together write the same
 file); ``python -m data_pipeline.build_index DST`` merges by hand.
 
+Exit codes: 0 done, also when some inputs failed (they are listed under ``failed``); 2 a mistake found
+before any work, or a merged index without samples (every input failed: the index is written, listing the
+failures, but a SLURM ``afterok`` training job must not start); 1 storage failed mid-job (rerun the task).
+An array task whose own share all failed exits 0 unless it is the one that merges, so that the other
+tasks and the index job still run.
+
 Several GPUs on one node: ``--devices cuda:0,cuda:1`` runs one process per device (each a sub-task), or
 start one process per GPU with ``--task-index``/``--num-tasks`` and ``--device``.
 
@@ -55,6 +61,7 @@ from data_pipeline.build_index import JOB_NAME
 from data_pipeline.index import (
     DatasetFacts,
     DatasetIndex,
+    DatasetIndexError,
     ShardInfo,
     load_part,
     merge_parts,
@@ -238,6 +245,8 @@ def run_task(job: Job) -> Summary:
     log.info("task %d/%d: %d videos in %d shards, %d done before; %s %s", job.task, job.num_tasks, total,
              len(chunks), summary.shards_skipped, job.vae_id, job.encoder)  # fmt: skip
     _remove_stale_temps(job)
+    if not chunks:  # more tasks than inputs: an empty part still tells the merge that this task is done
+        save_index(DatasetIndex(job.facts), part_url(job.output, job.task))
     items = iter(clip_loader([v for c in todo for v in chunks[c]], job.spec, job.workers, job.decode_threads))
     summary.start = time.perf_counter()
     interval = 0.5 if sys.stderr.isatty() else 30.0  # a log file gets a line every 30 s, not every video
@@ -343,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"DataLoader decode workers, 0: inline (default {workers})",
     )
     add("--decode-threads", type=int, default=1, help="ffmpeg threads per decode worker")
-    add("--tmp-dir", default=None, help="local folder for shards in progress when writing to S3")
+    add(
+        "--tmp-dir",
+        default=None,
+        help="local folder for shards in progress when writing to S3 (default: "
+        "the system's; created with its parents if missing; unused for a local output)",
+    )
     add("--no-merge", action="store_true", help="do not write index.json, even when every task is done")
     add("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -372,6 +386,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise JobError(f"--scaling-factor must be positive, got {args.scaling_factor}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.prefix):
         raise JobError(f"--prefix may hold letters, digits, '_' and '-' only, got {args.prefix!r}")
+    if args.tmp_dir is not None and storage.is_s3(args.tmp_dir):
+        raise JobError(f"--tmp-dir must be a local folder, got '{args.tmp_dir}'")
 
 
 def _device(name: str | None) -> torch.device:
@@ -393,6 +409,8 @@ def prepare(args: argparse.Namespace) -> Job:
     device = _device(args.device)
     try:
         inputs, classes = list_inputs(args.input)
+        if storage.is_s3(args.output) and args.tmp_dir is not None:  # else shards are written beside DST
+            storage.check_writable(args.tmp_dir, what="--tmp-dir")
         storage.check_writable(args.output)
         encoder = load_vae(
             args.vae, device, args.dtype, args.scaling_factor, args.vae_subfolder, args.vae_batch
@@ -434,7 +452,8 @@ def fan_out(args: argparse.Namespace, argv: list[str], devices: list[str]) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI: 0 done (even with failed inputs), 2 a preflight error (one line), 1 storage failed mid-job."""
+    """The CLI: 0 done (even with failed inputs), 2 a preflight error or a merged index without samples (one
+    line), 1 storage failed mid-job."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("data_pipeline").setLevel(logging.INFO)  # ours at INFO; boto3 & co. stay quiet
@@ -445,18 +464,23 @@ def main(argv: list[str] | None = None) -> int:
             return fan_out(args, argv, devices)
         args.device = devices[0] if devices else args.device
         job = prepare(args)
-    except JobError as exc:
+    except (JobError, DatasetIndexError) as exc:  # (the index: merged by fan_out after its sub-tasks)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    summary, error, code = None, None, 0
     try:
         summary = run_task(job)
         if not args.no_merge:
             summary.merged = maybe_merge(job)
     except storage.StorageError as exc:  # e.g. S3 went away mid-job: finished shards stay recorded
-        print(f"error: {one_line(exc)} (finished shards are kept; rerun the task to go on)", file=sys.stderr)
-        return 1
-    print(summary.line(job.task, job.num_tasks))
-    return 0
+        error, code = f"{one_line(exc)} (finished shards are kept; rerun the task to go on)", 1
+    except DatasetIndexError as exc:  # an unreadable part, or the merged index has no samples
+        error, code = one_line(exc), 2
+    if summary is not None:  # what the task did, also when its merge failed
+        print(summary.line(job.task, job.num_tasks))
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

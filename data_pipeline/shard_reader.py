@@ -32,6 +32,12 @@ class LoaderError(RuntimeError):
     """The loader cannot go on (a shard that vanished, storage down beyond the retries); one line."""
 
 
+class DatasetUnreadableError(LoaderError):
+    """The dataset itself is broken: every sample some worker reads is corrupt or cut off, though its shards
+    can be opened. Unlike storage that is down (a plain ``LoaderError`` after the retries, worth a requeue),
+    no retry or restart cures it; one line naming the dataset."""
+
+
 class TarFormatError(ValueError):
     """The archive ends inside a member or has a malformed header."""
 

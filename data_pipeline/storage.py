@@ -105,8 +105,9 @@ def _s3_error(url: str, exc: Exception, is_object: bool = False) -> StorageError
     return StorageError(message, transient)
 
 
-def check_writable(url: str) -> None:
-    """Fail fast, before any work, if ``url`` (a directory or prefix) cannot be written."""
+def check_writable(url: str, what: str = "output") -> None:
+    """Fail fast, before any work, if ``url`` (a directory or prefix) cannot be written; a missing local
+    directory is created with its parents. ``what`` names it in the error (the option it came from)."""
     if is_s3(url):
         bucket, _ = split_s3(url)
         try:
@@ -120,7 +121,7 @@ def check_writable(url: str) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise StorageError(f"output '{url}' is not writable: {exc.strerror or exc}") from None
+        raise StorageError(f"{what} '{url}' is not writable: {exc.strerror or exc}") from None
 
 
 def check_readable(url: str) -> None:

@@ -9,8 +9,9 @@ run (or resume) is waited for. Resuming at batch i therefore needs only i: re-re
 Unreadable samples (corrupt members, or a shard that ends early) leave holes; every hole is filled with a
 readable sample of the same window (the h-th hole, in emission order, repeats the (h mod g)-th of the g
 readable ones), so batch counts, and with them the lockstep of the ranks, never change. A window with no
-readable sample borrows the stream's first readable sample after it (else before it). Stand-ins are counted
-(``substituted``), and every bad shard is warned about once.
+readable sample borrows the stream's first readable sample after it (else before it); a stream without any
+raises ``DatasetUnreadableError``. Stand-ins are counted (``substituted``), and every bad shard is warned
+about once.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from data_pipeline.latent_sample import (
     decode_sample,
     draw_batch,
 )
-from data_pipeline.shard_reader import LoaderError, ShardReader
+from data_pipeline.shard_reader import DatasetUnreadableError, ShardReader
 
 logger = logging.getLogger("data_pipeline.loader")
 MEMBERS = frozenset((MEAN, STD, LABEL))  # what is read of a sample (its .json is skipped)
@@ -52,6 +53,7 @@ class PieceSource:
     retries: int = 8
     backoff: float = 0.5
     warned: set[int] = field(default_factory=set)
+    dataset: str = "<dataset>"  # the index url, to name the dataset in errors
 
     def slots(self, pieces: Sequence[Piece]) -> Iterator[Sample | None]:
         for piece in pieces:
@@ -132,7 +134,12 @@ def stream_batches(
             sample = source.first_readable(slice_pieces(work.pieces, lo, hi))
             if sample is not None:
                 return sample
-        raise LoaderError(f"epoch {plan.epoch}: no shard of rank {rank} stream {stream} has readable samples")
+        shards = sorted({p.shard for p in work.pieces})
+        where = f"{len(shards)} shards, e.g." if len(shards) > 1 else "shard"
+        raise DatasetUnreadableError(
+            f"dataset '{source.dataset}' has no readable samples: the {total} samples of rank {rank} worker "
+            f"{stream} in epoch {plan.epoch} ({where} '{source.names[shards[0]]}') are all corrupt or cut off"
+        )
 
     slots = source.slots(slice_pieces(work.pieces, k * window, total))
     current = list(islice(slots, length(k)))

@@ -19,6 +19,7 @@ restores it after the engine is built, ``save()`` writes one and prunes old ones
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -26,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import torch
 
 from latte.config import Config, ConfigError, flatten, resolve_saved
 from latte.rendezvous import control_group
+from latte.run_lock import LockError, RunLock
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
@@ -60,6 +63,10 @@ ALWAYS_ALLOWED_SECTIONS = ("sample.",)  # sampling settings never affect trainin
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from; the message is one line naming the file or key."""
+
+
+class SaveError(CheckpointError):
+    """A checkpoint that could not be written (a full disk); raised on the rank that hit it, which says so."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,14 +99,26 @@ def is_complete(step_dir: Path) -> bool:
     return (step_dir / MARKER).is_file()
 
 
-def problem(step_dir: Path) -> str | None:
-    """Why ``step_dir`` cannot be resumed from (one line naming the file), or None when it can."""
+def crc32_of(path: Path, chunk: int = 16 << 20) -> int:
+    """CRC-32 of a file's bytes (zlib's: ~1 GB/s, enough to check a checkpoint once per save and resume)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def problem(step_dir: Path, verify: bool = False) -> str | None:
+    """Why ``step_dir`` cannot be resumed from (one line naming the file), or None when it can. ``verify``:
+    also compare every file's CRC-32 with the one recorded at save (manifests written before checksums
+    existed are checked by size alone)."""
     marker = step_dir / MARKER
     if not marker.is_file():
         return f"{step_dir} is incomplete (no {MARKER} marker: its writing was interrupted)"
     try:
-        manifest = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        record = json.loads(marker.read_text())
+        manifest, checksums = record["files"], record.get("crc32", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{marker} is unreadable or malformed ({type(exc).__name__})"
     for name, size in manifest.items():
         path = step_dir / name
@@ -107,6 +126,8 @@ def problem(step_dir: Path) -> str | None:
             return f"missing file {path}"
         if path.stat().st_size != size:
             return f"corrupt file {path}: {path.stat().st_size} bytes, {size} when written"
+        if verify and name in checksums and crc32_of(path) != checksums[name]:
+            return f"corrupt file {path}: its CRC-32 differs from the one recorded when it was written"
     try:
         meta = json.loads((step_dir / META).read_text())
         meta["step"], meta["config"], meta["world_size"]  # noqa: B018 (the fields load() needs)
@@ -115,17 +136,18 @@ def problem(step_dir: Path) -> str | None:
     return None
 
 
-def choose(resume: str, ckpt_dir: Path, warn=print) -> Path | None:
+def choose(resume: str, ckpt_dir: Path, warn=print, verify: bool = False) -> Path | None:
     """The checkpoint ``resume`` names: "none" -> None; "auto" -> the newest valid complete one in
     ``ckpt_dir`` (an invalid one: ``warn`` and take the previous) or None; a step dir -> it, or an error
-    naming the bad file; a checkpoint dir -> its newest complete one, or an error."""
+    naming the bad file; a checkpoint dir -> its newest complete one, or an error. ``verify``: check the
+    files' checksums too (training does; sampling reads only the EMA file, which torch.load checks)."""
     if resume == "none":
         return None
     if resume == "auto":
         for step_dir in step_dirs(ckpt_dir):
             if not is_complete(step_dir):
                 continue  # a half-written directory is never a candidate
-            why = problem(step_dir)
+            why = problem(step_dir, verify)
             if why is None:
                 return step_dir
             warn(f"warning: skipping checkpoint {step_dir.name}: {why}")
@@ -138,7 +160,7 @@ def choose(resume: str, ckpt_dir: Path, warn=print) -> Path | None:
         if not complete:
             raise CheckpointError(f"no complete checkpoint (step_XXXXXXXX/{MARKER}) in {resume}")
         path = complete[0]
-    why = problem(path)
+    why = problem(path, verify)
     if why is not None:
         raise CheckpointError(f"cannot resume from {path}: {why}")
     return path
@@ -208,6 +230,45 @@ def config_changes(saved: dict[str, Any], current: Config) -> list[str]:
     ]
 
 
+def check_writable(path: Path, key: str) -> None:
+    """Fail before anything is built, not at the first save hours later, if ``path`` cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"{key} {path} is not writable: {exc.strerror or exc}") from None
+
+
+def disk_full_error(exc: BaseException, where: Path) -> bool:
+    """Whether ``exc`` (an OSError, or torch.save's "basic_ios::clear: iostream error" / "PytorchStreamWriter
+    failed writing" RuntimeError, which carry no errno) is a full disk or quota at ``where``."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(where).free < 64 << 20  # a write failed and under 64 MiB are left
+    except OSError:
+        return False
+
+
+def shape_mismatch(saved: Config, current: Config) -> str | None:
+    """The first parameter whose presence or shape differs between the models the two configs build (on the
+    meta device: no memory, no compute), or None. Catches an allowed change (``resume_allow_changes``) that
+    cannot load, e.g. model.name to another size, before DeepSpeed asserts on it."""
+    from latte.builders import build_model
+
+    with torch.device("meta"):
+        old, new = build_model(saved).state_dict(), build_model(current).state_dict()
+    for key in sorted(old.keys() | new.keys()):
+        a, b = (tuple(sd[key].shape) if key in sd else None for sd in (old, new))
+        if a != b:
+            return f"'{key}' is {a or 'absent'} in the checkpoint, {b or 'absent'} in this config's model"
+    return None
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)``, then rename onto ``path``: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -265,6 +326,8 @@ class CheckpointManager:
         self.dir = ckpt_dir_for(cfg)
         self.saved_meta: dict[str, Any] | None = None  # meta.json of the checkpoint find() chose
         self.run_dir: Path | None = None  # the run directory (rank 0), recorded so a resume continues in it
+        self.dataset: dict[str, Any] | None = None  # what the run trained on (recorded for sampling)
+        self.lock = RunLock(self.dir) if world.is_main else None  # one run per checkpoint directory
 
     @property
     def saved_world_size(self) -> int | None:
@@ -304,7 +367,15 @@ class CheckpointManager:
         return path
 
     def _find(self) -> Path | None:
-        path = choose(self.cfg.train.resume, self.dir, warn=self._say)
+        check_writable(self.dir, "train.ckpt_dir")
+        check_writable(Path(self.cfg.train.results_dir), "train.results_dir")
+        try:
+            self.lock.acquire()
+        except LockError as exc:
+            raise CheckpointError(str(exc)) from None
+        if self.lock.took_over:
+            self._say(f"checkpoint directory {self.dir}: {self.lock.took_over}")
+        path = choose(self.cfg.train.resume, self.dir, warn=self._say, verify=True)
         if path is None:
             return None
         meta = json.loads((path / META).read_text())
@@ -313,6 +384,12 @@ class CheckpointManager:
             raise CheckpointError(
                 f"checkpoint {path.name} was made with a different config: {'; '.join(changes)} "
                 f"(allow with --set train.resume_allow_changes=[key,...])"
+            )
+        mismatch = shape_mismatch(resolve_saved(meta["config"]), self.cfg)
+        if mismatch:
+            raise CheckpointError(
+                f"checkpoint {path.name} holds another architecture ({mismatch}): it cannot resume this "
+                f"config; start fresh (train.resume=none, or another train.ckpt_dir)"
             )
         if meta["world_size"] != self.world.world_size:
             make_universal(path)  # rank 0 converts once; the others wait in the broadcast
@@ -340,23 +417,40 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path.name}: {exc}") from None
         set_rng_state(state["rng"])
         step = int(self.saved_meta["step"])
+        from latte.engine import apply_optimizer_config
+
+        apply_optimizer_config(engine, self.cfg, step)  # this config's lr, betas, decay (allowed changes)
         how = f" (saved by {self.saved_world_size} ranks, resharded)" if self.reshard else ""
         self._say(f"resumed from {path} at step {step}{how}")
         return step
 
     def save(self, step: int, engine, ema, data) -> Path:
         """Write checkpoint ``step`` (every rank its part), mark it complete, point ``latest`` at it and
-        prune. RNG-neutral: the global RNG states are as before the call, saved or not."""
+        prune. RNG-neutral: the global RNG states are as before the call, saved or not. A full disk is a
+        ``SaveError`` naming the directory, what is left, and what to do; nothing earlier is touched."""
         rng = rng_state()
-        tag = tag_for(step)
-        step_dir = self.dir / tag
+        step_dir = self.dir / tag_for(step)
+        try:
+            self._write(step, step_dir, engine, ema, data, rng)
+        except (OSError, RuntimeError) as exc:
+            if not disk_full_error(exc, self.dir):
+                raise
+            shutil.rmtree(step_dir, ignore_errors=True)  # never complete: free its space for the next try
+            raise SaveError(self._no_space(step_dir)) from None
+        finally:
+            set_rng_state(rng)
+        return step_dir
+
+    def _write(self, step: int, step_dir: Path, engine, ema, data, rng: dict[str, Any]) -> None:
         if self.world.is_main:  # a leftover of an interrupted run (or of a run started with resume none)
             if step_dir.exists():
                 (step_dir / MARKER).unlink(missing_ok=True)
                 shutil.rmtree(step_dir)
             step_dir.mkdir(parents=True)
         self._barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(
+            str(self.dir), tag=step_dir.name, client_state={"step": step}, save_latest=False
+        )
         own = {"ema": ema.state_dict(), "rng": rng, "data": data.state_dict(), "step": step}
         atomic_write(step_dir / f"rank_{self.world.rank:05d}.pt", lambda tmp: torch.save(own, tmp))
         full_ema = ema.consolidate()  # a collective: the copy export and world-size changes read
@@ -372,18 +466,45 @@ class CheckpointManager:
                 "precision": t.precision,
                 "config_hash": self.cfg.hash(),
                 "run_dir": self.run_dir.name if self.run_dir else None,
+                "dataset": self.dataset,  # the VAE and scaling factor the latents were made with
                 "config": self.cfg.to_dict(),
             }  # fmt: skip
             _write_text(step_dir / META, json.dumps(meta, indent=1))
         self._barrier()  # every rank's files are written
+        checksums = self._checksums(step_dir)  # each rank reads its share back (from the page cache)
         if self.world.is_main:
             files = {str(p.relative_to(step_dir)): p.stat().st_size
                      for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != MARKER}  # fmt: skip
-            _write_text(step_dir / MARKER, json.dumps({"files": files}, indent=1))
-            _write_text(self.dir / "latest", tag)
+            _write_text(step_dir / MARKER, json.dumps({"files": files, "crc32": checksums}, indent=1))
+            _write_text(self.dir / "latest", step_dir.name)
             prune(self.dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
-        set_rng_state(rng)
-        return step_dir
+
+    def _checksums(self, step_dir: Path) -> dict[str, int]:
+        """CRC-32 of every file of ``step_dir``, computed by the ranks in turns, gathered (a collective)."""
+        files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MARKER)
+        ranks, rank = self.world.world_size, self.world.rank
+        mine = {str(p.relative_to(step_dir)): crc32_of(p) for i, p in enumerate(files) if i % ranks == rank}
+        group = control_group()
+        if group is None:
+            return mine
+        parts: list[dict[str, int] | None] = [None] * ranks
+        torch.distributed.all_gather_object(parts, mine, group=group)
+        return {name: crc for part in parts for name, crc in part.items()}
+
+    def _no_space(self, step_dir: Path) -> str:
+        free = shutil.disk_usage(self.dir).free / 2**20 if self.dir.exists() else 0.0
+        pointer = self.dir / "latest"
+        latest = pointer.read_text().strip() if pointer.is_file() else "none yet"
+        keep = self.cfg.train.keep_last
+        return (f"no space left on {self.dir} while writing checkpoint {step_dir.name} ({free:.0f} MiB "
+                f"free): nothing was lost (latest is still {latest}); free space there, lower "
+                f"train.keep_last ({keep}: old checkpoints are pruned only after a save succeeds), or point "
+                f"train.ckpt_dir at a larger file system, then resume")  # fmt: skip
+
+    def close(self) -> None:
+        """The run is over (finished, stopped or failed): let the next run claim the directory."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _barrier(self) -> None:
         """Wait for every rank's files: over the gloo control group, so that a slow file system (one rank

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -419,8 +420,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
     if not 0.0 <= cfg.train.ema_decay <= 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1], got {cfg.train.ema_decay}")
+    for key in ("train.lr", "train.weight_decay", "train.clip_max_norm", "train.ema_decay",
+                "model.class_dropout_prob", "sample.cfg_scale", "sample.eta"):  # fmt: skip
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
+    for key in ("weight_decay", "clip_max_norm", "warmup_steps", "clip_start_step"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(cfg.train, key)}")
+    for key in ("train.seed", "sample.seed"):
+        section, name = key.split(".")
+        seed = getattr(getattr(cfg, section), name)
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"{key} must be in [0, 2**32) (numpy's seed range), got {seed}")
     if len(cfg.train.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.adam_betas):
         raise ConfigError(f"train.adam_betas must be two values in [0, 1), got {cfg.train.adam_betas}")
     for key in ("timestep_respacing", "sampling_steps"):

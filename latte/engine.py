@@ -123,6 +123,8 @@ def deepspeed_config(cfg: Config, world_size: int, fp16_supported: bool = True) 
         raise ConfigError(f"DeepSpeed config '{path}' does not exist") from None
     except ValueError as exc:
         raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config '{path}' must be a JSON object, got a {type(ds).__name__}")
     typed_twice = [k for k in _OWNED_KEYS if k in ds]
     if typed_twice:
         raise ConfigError(
@@ -185,9 +187,21 @@ def build_engine(cfg: Config, model: torch.nn.Module, world: World, load_univers
         fused=fused_adamw(world.device, ds_config),
     )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(cfg, step))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-    )
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            dist_init_required=False,
+        )
+    except Exception as exc:
+        if type(exc).__name__ != "ValidationError":  # pydantic's, for a key DeepSpeed does not know
+            raise
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "?"
+        raise ConfigError(f"DeepSpeed config '{ds_config_path(cfg.train.zero_stage)}': {where}: "
+                          f"{first.get('msg', exc)}") from None  # fmt: skip
     return engine
 
 
@@ -201,6 +215,18 @@ def fused_adamw(device: torch.device, ds_config: dict[str, Any]) -> bool:
     """torch's fused AdamW (one kernel for all tensors) where the master weights live on a GPU; the
     for-each implementation elsewhere (CPU runs keep their bitwise-tested numerics)."""
     return device.type == "cuda" and not offloads_optimizer(ds_config)
+
+
+def apply_optimizer_config(engine, cfg: Config, step: int) -> None:
+    """After a checkpoint load, the optimizer hyperparameters of ``cfg`` (DeepSpeed restores the saved
+    ones): a change allowed on resume (``train.resume_allow_changes=[train.lr]``) takes effect."""
+    t = cfg.train
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        scheduler.base_lrs = [t.lr] * len(scheduler.base_lrs)
+    for group in engine.optimizer.param_groups:
+        group.update(lr=t.lr * lr_multiplier(cfg, step), initial_lr=t.lr, betas=tuple(t.adam_betas),
+                     weight_decay=t.weight_decay)  # fmt: skip
 
 
 def set_grad_clip(engine, max_norm: float) -> None:

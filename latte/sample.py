@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +97,9 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, Config, str]:
-    """The model with the checkpoint's weights, its config, and a description of where both came from."""
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, Config, str, dict | None]:
+    """The model with the checkpoint's weights, its config, a description of where both came from, and the
+    dataset record of its checkpoint (None for weights files and older checkpoints)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import (--weights model)
     source = load_source(args.checkpoint, args.weights, args.config, overrides_of(args))
@@ -111,7 +111,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, C
     what = f"{cfg.model.name} ({cfg.model.num_classes} classes, {d.num_frames} frames of {d.latent_size}²)"
     check_fits(model, source.state_dict, source.weights_file, what)
     model.load_state_dict(source.state_dict, strict=True)
-    return model.to(device).eval().requires_grad_(False), cfg, source.description
+    return model.to(device).eval().requires_grad_(False), cfg, source.description, source.dataset
 
 
 @dataclass
@@ -129,30 +129,43 @@ class Decoder:
 
 
 def load_decoder(
-    args: argparse.Namespace, cfg: Config, device: torch.device, warn: Callable[[str], None]
+    args: argparse.Namespace, cfg: Config, device: torch.device, recorded: dict | None
 ) -> Decoder:
     """The VAE (--vae, else the dataset's) and the scaling factor its input is divided by."""
     facts = decoding.dataset_facts(cfg)
-    vae_id, vae_from = decoding.choose_vae(args.vae, facts)
+    vae_id, vae_from = decoding.choose_vae(args.vae, facts, recorded)
     vae, _ = load_autoencoder(vae_id, device, cfg.sample.precision if device.type == "cuda" else "fp32")
     if vae.config.latent_channels != cfg.model.in_channels:
         raise VaeError(f"the VAE '{vae_id}' has {vae.config.latent_channels} latent channels, the model "
                        f"{cfg.model.in_channels}")  # fmt: skip
-    factor, factor_from = decoding.scaling_factor(cfg, facts, vae.config.scaling_factor, warn)
+    factor, factor_from = decoding.scaling_factor(cfg, facts, vae.config.scaling_factor, recorded)
     return Decoder(vae, vae_id, vae_from, factor, factor_from)
 
 
+def check_out_dir(out: Path) -> None:
+    """Fail before any model is loaded if ``--out`` could not become a directory of videos (creating
+    nothing: a refused run leaves no trace)."""
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is a file" if existing == out.absolute() else f"{existing} is a file"
+        raise ConfigError(f"--out {out} cannot be a directory of videos: {where}")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {out} is not writable: {existing} does not allow writing")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(Path(args.out))
     ranks = ranks_from_env()
     device = ranks.device
     say = print if ranks.is_main else (lambda *a, **k: None)
-    warn = (lambda m: print(m, file=sys.stderr)) if ranks.is_main else (lambda m: None)
-    model, cfg, weights = load_model(args, device)
+    model, cfg, weights, recorded = load_model(args, device)
     if device.type == "cuda":
         configure_cuda_numerics(cfg.train.tf32, cfg.train.deterministic)
     say(f"weights: {weights}")
     say(attention_line(cfg, device, DTYPES[cfg.sample.precision]))
-    decoder = load_decoder(args, cfg, device, warn)
+    decoder = load_decoder(args, cfg, device, recorded)
     say(f"VAE {decoder.vae_id} (from {decoder.vae_from}); scaling factor {decoder.factor:g} from "
         f"{decoder.factor_from}")  # fmt: skip
 

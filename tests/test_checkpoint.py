@@ -306,7 +306,9 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_
     step = int(tag[5:])
     assert 0 < step < STEPS and (ck / "latest").read_text() == tag and (ck / tag / "COMPLETE").is_file()
     assert step % 5 == 0  # the ranks agree on stop signals every train.stop_check_every (tiny.yaml: 5) steps
-    assert f"stopped at step {step} on request" in out and "received SIGUSR1" in out, out[-3000:]
+    assert "received SIGUSR1: stopping at the next step boundary with a checkpoint" in out, out[-3000:]
+    assert f"(received SIGUSR1; exit 3: requeue, the next run resumes with train.resume=auto); checkpoint " \
+           f"written at step {step}" in out, out[-3000:]  # fmt: skip
     out = _finish(_start(broken, overrides))
     assert f"resumed from {ck / tag} at step {step}" in out, out[-3000:]
     (run_dir,) = [p for p in broken.iterdir() if p.name not in ("checkpoints", "data")]

@@ -24,7 +24,13 @@ from make_shards import make_dataset, read_samples, shard_name
 from data_pipeline import s3_opener, storage
 from data_pipeline.index import DatasetIndexError
 from data_pipeline.latent_sample import noise_seed
-from data_pipeline.loader import Expected, IndexMismatchError, LatentLoader, LoaderError
+from data_pipeline.loader import (
+    DatasetUnreadableError,
+    Expected,
+    IndexMismatchError,
+    LatentLoader,
+    LoaderError,
+)
 from data_pipeline.shard_reader import TarCursor
 
 COUNTS = [5, 7, 3, 8, 6, 4, 7, 5, 9]  # 54 samples in 9 shards of varied size
@@ -335,6 +341,29 @@ def test_gives_up_with_one_line_after_the_retries(toy, monkeypatch):
     with pytest.raises(LoaderError) as info:
         next(iter(loader))
     assert "still fails after 2 retries" in one_line(info) and "shard-" in one_line(info)
+    assert not isinstance(info.value, DatasetUnreadableError)  # a store away stays transient: requeue
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataset_whose_every_sample_is_corrupt_is_one_line_naming_it(tmp_path, workers):
+    """A permanent fault of the data (training exits 2), unlike storage that stays away (exit 1)."""
+    make_dataset(str(tmp_path), [4, 5], corrupt=range(9))
+    loader = make(str(tmp_path), workers=workers)
+    with pytest.raises(DatasetUnreadableError) as info:
+        next(iter(loader))
+    assert isinstance(info.value, LoaderError)
+    index = str(tmp_path / "index.json")
+    assert one_line(info).startswith(f"dataset '{index}' has no readable samples: ")
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '"index.json"', "42"])
+def test_index_that_is_not_a_json_object_is_one_line_naming_it(tmp_path, content):
+    (tmp_path / "index.json").write_text(content)
+    with pytest.raises(DatasetIndexError) as info:
+        make(str(tmp_path))
+    assert one_line(info) == (
+        f"index '{tmp_path / 'index.json'}' is malformed: expected a JSON object, found {content}"
+    )
 
 
 def test_missing_shard_or_unreadable_index_fail_at_start(tmp_path):

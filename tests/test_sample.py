@@ -21,7 +21,7 @@ from latte.sample import main
 from latte.sampling.decoding import choose_vae, read_facts, scaling_factor
 from latte.sampling.generate import Denoiser, rank_samples, sample_batch, sample_generator, sample_latents
 from latte.sampling.ranks import batches_of
-from latte.vae import decode, load_autoencoder
+from latte.vae import VaeError, decode, load_autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -170,10 +170,15 @@ def test_scaling_factor_sources_and_decode_divides_by_it(tmp_path, vae_dir):
     assert scaling_factor(with_index, facts, 0.18215) == (0.5, f"dataset index {index}")
     own = load_config(TINY, [f"data.index={index}", "data.scaling_factor=0.25"])
     assert scaling_factor(own, facts, 0.18215) == (0.25, "config data.scaling_factor")
-    warnings: list[str] = []
     missing = read_facts(str(tmp_path / "nope.json"))
-    assert scaling_factor(with_index, missing, 0.18215, warnings.append) == (0.18215, "the VAE's config")
-    assert len(warnings) == 1 and "nope.json" in warnings[0]
+    unknown = r"scaling factor is unknown: the dataset index .*nope.json cannot give it \(FileNotFoundError"
+    with pytest.raises(VaeError, match=unknown + r".*pass --set data.scaling_factor=F"):
+        scaling_factor(with_index, missing, 0.18215)  # no guess from the VAE's config (issue 13.5)
+    recorded = {"scaling_factor": 0.3, "vae": "v"}
+    assert scaling_factor(with_index, missing, 0.18215, recorded) == (0.3, "the checkpoint's meta.json")
+    assert choose_vae(None, missing, recorded) == ("v", "the checkpoint's meta.json")
+    synthetic = load_config(TINY)  # trained without a dataset: the VAE's own factor is all there is
+    assert scaling_factor(synthetic, None, 0.18215)[0] == 0.18215
 
     vae, _ = load_autoencoder(str(vae_dir))
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))

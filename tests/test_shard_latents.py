@@ -335,3 +335,86 @@ def test_task_split_defaults_from_a_slurm_array(monkeypatch):
     args.task_index = 3
     with pytest.raises(JobError, match="task index 3 is not in 0..2"):
         task_from_env(args)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A dataset without samples, and a temp folder that is not there
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(data) -> dict[str, Path]:
+    """Input folders: ``all-bad`` (c/corrupt.mp4, c/empty.mp4) and ``mixed`` (a/v0.mp4, a good video,
+    besides them: in ``--sorted`` order v0, corrupt, empty)."""
+    folders = {"all-bad": data / "all-bad", "mixed": data / "mixed"}
+    for folder in folders.values():
+        (folder / "c").mkdir(parents=True)
+        for name in ("corrupt.mp4", "empty.mp4"):
+            (folder / "c" / name).write_bytes((data / "videos" / "c" / name).read_bytes())
+    (folders["mixed"] / "a").mkdir()
+    (folders["mixed"] / "a" / "v0.mp4").write_bytes((data / "videos" / "a" / "v0.mp4").read_bytes())
+    return folders
+
+
+def error_lines(err: str) -> list[str]:
+    """The ``error:`` lines of a job's stderr (its log warnings name each failed input besides)."""
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def no_samples_line(output: Path) -> str:
+    return (f"error: dataset '{output}' has no samples: all 2 inputs failed (listed under 'failed' in "
+            f"'{output / 'index.json'}')")  # fmt: skip
+
+
+def test_job_whose_every_input_failed_exits_2(data, bad_inputs, capsys):
+    out = data / "out-all-bad"
+    assert run(data, out, source=bad_inputs["all-bad"]) == 2  # a SLURM afterok job must not start
+    captured = capsys.readouterr()
+    assert "videos ok 0, failed 2" in captured.out
+    assert error_lines(captured.err) == [no_samples_line(out)]
+    index = load_index(str(out))  # written whole: it is where the failures are listed
+    assert index.num_samples == 0
+    assert [Path(f["input"]).name for f in index.failed] == ["corrupt.mp4", "empty.mp4"]
+
+
+def test_array_without_samples_fails_in_the_merging_task_and_build_index(data, bad_inputs, capsys):
+    out = data / "out-all-bad-array"
+    args = ["--sorted", "--num-tasks", "2"]
+    assert run(data, out, *args, "--task-index", "0", source=bad_inputs["all-bad"]) == 0
+    captured = capsys.readouterr()  # its own share failed, but the other task may still succeed: no error
+    assert "videos ok 0, failed 1" in captured.out and error_lines(captured.err) == []
+    assert run(data, out, *args, "--task-index", "1", source=bad_inputs["all-bad"]) == 2
+    assert error_lines(capsys.readouterr().err) == [no_samples_line(out)]  # the last task merges: 0 samples
+    assert build_index([str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and error_lines(captured.err) == [no_samples_line(out)]
+
+
+def test_array_tasks_whose_share_failed_or_is_empty_exit_0_when_others_succeed(data, bad_inputs, capsys):
+    out = data / "out-mixed-array"
+    args = ["--sorted", "--clips-per-video", "1", "--num-tasks", "4"]  # 3 inputs: task 3 has none
+    for task in (0, 3, 2):  # v0 (ok), nothing, empty.mp4
+        assert run(data, out, *args, "--task-index", str(task), source=bad_inputs["mixed"]) == 0
+    assert run(data, out, *args, "--task-index", "1", source=bad_inputs["mixed"]) == 0  # corrupt; merges
+    captured = capsys.readouterr()
+    assert "task 1/4: videos ok 0, failed 1" in captured.out and error_lines(captured.err) == []
+    index = load_index(str(out))
+    assert index.num_samples == 2 and len(index.failed) == 2  # one clip + its flip; two failed inputs
+    assert build_index([str(out)]) == 0
+
+
+def test_missing_tmp_dir_is_created_or_refused_before_any_output(data, s3_bucket, tmp_path, capsys):
+    manifest = tmp_path / "one.csv"
+    manifest.write_text(f"path\n{data / 'videos/a/v1.mp4'}\n")
+    out, tmp = f"{s3_bucket}/with-tmp", tmp_path / "scratch" / "shards"
+    assert run(data, out, "--clips-per-video", "1", "--tmp-dir", str(tmp), source=manifest) == 0
+    assert tmp.is_dir() and not list(tmp.iterdir())  # created with its parents; nothing left in it
+    assert load_index(out).num_samples == 2
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("")
+    blocked, out = tmp_path / "a-file" / "shards", f"{s3_bucket}/blocked-tmp"
+    assert run(data, out, "--clips-per-video", "1", "--tmp-dir", str(blocked), source=manifest) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --tmp-dir '{blocked}' is not writable: Not a directory"]
+    assert storage.list_files(out) == []  # refused before job.json

@@ -110,7 +110,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_bits(slurm, tra
     log = slurm.log(job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
     assert "[latte] got SIGUSR1: asking the ranks to checkpoint and exit" in log
-    stopped = re.search(r"stopped at step (\d+) on request, checkpoint written", log)
+    stopped = re.search(r"; checkpoint written at step (\d+)", log)
     assert stopped, log[-3000:]
     step = int(stopped.group(1))
     assert SIGNAL_AT <= step < STEPS
@@ -165,7 +165,7 @@ def test_config_error_crash_and_scancel_end_without_a_requeue_loop(slurm, tmp_pa
     slurm.run(["scancel", str(cancelled)])
     info, log = slurm.wait(cancelled), slurm.log(cancelled)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
-    stopped = re.search(r"stopped at step (\d+) on request, checkpoint written", log)
+    stopped = re.search(r"; checkpoint written at step (\d+)", log)
     assert stopped and "[latte] SLURM is ending this job (SIGTERM: scancel" in log, log[-3000:]
     ck = tmp_path / "cancelled" / "checkpoints"
     assert (ck / "latest").read_text() == tag_for(int(stopped.group(1)))

@@ -174,3 +174,5 @@ def test_bad_config_is_one_line_before_anything_hangs(tmp_path, override, messag
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == [errors[0]] and errors[0].startswith(message), out.stderr[-2000:]
+    # the launcher's SIGTERM to the other rank is no stop request: that rank is ending anyway (issue 13.12)
+    assert "received SIGTERM" not in out.stderr + out.stdout, out.stderr[-2000:]

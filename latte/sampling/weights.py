@@ -36,6 +36,7 @@ class Source:
     state_dict: dict[str, torch.Tensor]
     weights_file: str  # the file the weights were read from (for messages)
     description: str  # e.g. "EMA of /runs/checkpoints/step_00000060, config from its meta.json"
+    dataset: dict | None = None  # what the model was trained on, as meta.json records it (VAE, factor)
 
 
 def load_source(
@@ -47,10 +48,11 @@ def load_source(
     where = Path(path)
     if where.is_dir():
         step_dir = ckpt.choose(str(where), where)
+        meta = _saved_meta(step_dir)
         if config is not None:
             cfg, config_from = load_config(config, overrides), config
         else:
-            cfg, config_from = config_from_dict(_saved_config(step_dir), overrides), f"{step_dir / ckpt.META}"
+            cfg, config_from = config_from_dict(meta["config"], overrides), f"{step_dir / ckpt.META}"
         if weights == "ema":
             file = step_dir / ckpt.EMA_FULL
             state_dict = torch.load(file, map_location="cpu", weights_only=True)
@@ -58,7 +60,7 @@ def load_source(
             file = step_dir
             state_dict = ckpt.consolidated_model(step_dir)
         what = f"{'EMA' if weights == 'ema' else 'raw weights'} of {step_dir}"
-        return Source(cfg, state_dict, str(file), f"{what}, config from {config_from}")
+        return Source(cfg, state_dict, str(file), f"{what}, config from {config_from}", meta.get("dataset"))
     if not where.is_file():
         raise SourceError(f"no such checkpoint directory or weights file: {path}")
     if config is None:
@@ -68,10 +70,12 @@ def load_source(
     return Source(cfg, state_dict, str(where), f"{weights} weights of {where}, config from {config}")
 
 
-def _saved_config(step_dir: Path) -> dict:
+def _saved_meta(step_dir: Path) -> dict:
     try:
-        return json.loads((step_dir / ckpt.META).read_text())["config"]
-    except (OSError, ValueError, KeyError) as exc:
+        meta = json.loads((step_dir / ckpt.META).read_text())
+        meta["config"]  # noqa: B018 (what sampling needs of it)
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SourceError(f"{step_dir / ckpt.META} holds no readable config ({type(exc).__name__})") from None
 
 
