@@ -45,9 +45,10 @@ class TransformerBlock(nn.Module):
 
     Works on x of shape (N, S, L, D): N samples, S independent sequences per sample, each of length L.
     Spatial blocks see (N, F, T, D); temporal blocks see (N, T, F, D). Attention runs over L only.
-    The modulation is computed for each of the N*S sequences, as the original model does, although it only
-    depends on the sample: a matmul's rounding depends on its row count, and this keeps outputs bit-equal to
-    the released model's (cost: ~2% of Latte-XL/2's FLOPs, mostly in temporal blocks).
+    The modulation is computed for each of the N*S sequences from a conditioning vector per sequence, as the
+    original model does, although it only depends on the sample: a matmul's rounding depends on its row
+    count, and this keeps outputs bit-equal to the released model's (cost: ~2% of Latte-XL/2's FLOPs, mostly
+    in temporal blocks).
     """
 
     def __init__(
@@ -61,9 +62,10 @@ class TransformerBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: Tensor, c: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x (N, S, L, D); c (N, D); mask (N, S, L) bool (True = real token) or None."""
+        """x (N, S, L, D); c (N*S, D), row n*S + s for sequence s of sample n; mask (N, S, L) bool (True =
+        real token) or None."""
         n, s, length, d = x.shape
-        mod = self.adaLN_modulation(c.repeat_interleave(s, dim=0))  # (N*S, 6D), row n*S + s
+        mod = self.adaLN_modulation(c)  # (N*S, 6D)
         mod = mod.reshape(n, s, 1, 6 * d)  # (N, S, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_msa, scale_msa).reshape(n * s, length, d)  # (N*S, L, D)
@@ -82,8 +84,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x (N, F, T, D); c (N*F, D), per frame as the original."""
         n, f = x.shape[:2]
-        mod = self.adaLN_modulation(c.repeat_interleave(f, dim=0))  # (N*F, 2D), per frame as the original
+        mod = self.adaLN_modulation(c)  # (N*F, 2D)
         shift, scale = mod.reshape(n, f, 1, -1).chunk(2, dim=-1)  # each (N, F, 1, D)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, F, T, p*p*C_out)
 
@@ -233,11 +236,20 @@ class Latte(nn.Module):
         tokens = self.x_embedder(x.reshape(n * f, ch, h, w)) + self.pos_embed  # (N*F, T, D)
         x = tokens.reshape(n, f, tokens.shape[1], tokens.shape[2])  # (N, F, T, D)
 
-        c = self.t_embedder(t)  # (N, D)
+        t_emb = self.t_embedder(t)  # (N, D)
+        y_emb = None
         if self.num_classes:
             if y is None:
                 raise ValueError("class-conditional Latte needs labels y")
-            c = c + self.y_embedder(y, self.training, force_drop_ids)
+            y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+
+        def per_sequence(s: int) -> Tensor:
+            """(N, D) -> (N*S, D), row n*S + s: t and y repeated, then added, once per pass and shared by the
+            blocks, as the original does (its gradients then sum in the same order as well)."""
+            c = t_emb.repeat_interleave(s, dim=0)
+            return c if y_emb is None else c + y_emb.repeat_interleave(s, dim=0)
+
+        c_spatial, c_temporal = per_sequence(f), per_sequence(x.shape[2])  # (N*F, D), (N*T, D)
 
         spatial_mask = temporal_mask = None
         if attention_mask is not None:
@@ -245,16 +257,16 @@ class Latte(nn.Module):
             spatial_mask, temporal_mask = token_mask, token_mask.transpose(1, 2)  # (N, F, T), (N, T, F)
 
         for i in range(0, len(self.blocks), 2):
-            x = self._run_block(self.blocks[i], x, c, spatial_mask)  # attends over T within each frame
+            x = self._run_block(self.blocks[i], x, c_spatial, spatial_mask)  # attends over T in each frame
             x = x.transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D): frame sequences per token position
             if i == 0:
                 x = (
                     x + self.temp_embed[:, None, :f]
                 )  # (1, 1, F, D), added once before the first temporal block
-            x = self._run_block(self.blocks[i + 1], x, c, temporal_mask)  # attends over F
+            x = self._run_block(self.blocks[i + 1], x, c_temporal, temporal_mask)  # attends over F
             x = x.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
 
-        x = self.final_layer(x, c)  # (N, F, T, p*p*C_out)
+        x = self.final_layer(x, c_spatial)  # (N, F, T, p*p*C_out)
         return self.unpatchify(x)
 
     def forward_with_cfg(
