@@ -34,7 +34,6 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +48,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from latte.models import BACKENDS, LATTE_ARCHS, Latte, resolve_backend  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_backends import machine  # noqa: E402  (the same machine line in both benchmarks)
 
 ORIGINAL_ATTENTION = ("math", "flash", "xformers")  # the original's attention_mode values
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -348,18 +350,6 @@ class Result:
         return statistics.median(self.ours_ms) / statistics.median(self.original_ms)
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux: the marketing name ("AMD EPYC ...") is more telling than "x86_64"
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU ({cpu}, {os.cpu_count()} cores), torch {torch.__version__}"
-
-
 def compare(
     ours: nn.Module, original: nn.Module, inputs: dict[str, Tensor], args: argparse.Namespace
 ) -> Result:
@@ -419,7 +409,7 @@ def main(argv: list[str] | None = None) -> Result:
     n_params = sum(p.numel() for p in ours.parameters())
     print(
         f"# {args.model} ({n_params / 1e6:.1f}M params), x {tuple(inputs['x'].shape)}, fp32 weights, "
-        f"autocast {args.amp}, train mode, no label dropout; {machine(device)}, {threads} torch threads"
+        f"autocast {args.amp}, train mode, no label dropout; {machine(device)}"
     )
     print(f"# original: {args.original / 'models' / 'latte.py'}{' (timm shimmed)' if shim else ''}")
     print(f"# warm-up {args.warmup} per model, then {args.rounds} rounds of (ours, original)", flush=True)

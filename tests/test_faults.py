@@ -142,13 +142,19 @@ def _stopped_cleanly(results: Path, out: str) -> int:
     return step
 
 
+def _training(results: Path) -> subprocess.Popen:
+    """``deepspeed --num_gpus 2 train.py`` that would run for hours, once its ranks are training."""
+    proc = _start(results, ["train.max_steps=100000", "train.ckpt_every=100000", "train.log_every=10"])
+    _wait_for(lambda: any(results.glob("*/config.yaml")), proc)
+    time.sleep(1.0)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_deepspeed_launcher_stops_its_orphaned_ranks_with_a_checkpoint(tmp_path):
     """Before: the runner exited 143 at once and its ranks trained on as orphans, with no checkpoint."""
     results = tmp_path / "run"
-    proc = _start(results, ["train.max_steps=100000", "train.ckpt_every=100000", "train.log_every=10"])
-    _wait_for(lambda: any(results.glob("*/config.yaml")), proc)
-    time.sleep(1.0)
+    proc = _training(results)
     proc.send_signal(signal.SIGTERM)  # the runner's pid only, as `timeout` and most schedulers do
     out, _ = proc.communicate(timeout=240)  # EOF once the ranks (which share its stdout) are gone
     assert "the launcher of this rank (pid" in out and "exited" in out, out[-3000:]
@@ -159,9 +165,7 @@ def test_sigterm_to_the_deepspeed_launcher_stops_its_orphaned_ranks_with_a_check
 def test_ctrl_c_stops_like_sigterm_with_a_checkpoint(tmp_path):
     """Before: three KeyboardInterrupt tracebacks and no checkpoint."""
     results = tmp_path / "run"
-    proc = _start(results, ["train.max_steps=100000", "train.ckpt_every=100000", "train.log_every=10"])
-    _wait_for(lambda: any(results.glob("*/config.yaml")), proc)
-    time.sleep(1.0)
+    proc = _training(results)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the job
     out, _ = proc.communicate(timeout=240)
     assert "received SIGINT" in out, out[-3000:]
