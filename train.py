@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import re
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from latte.builders import build_diffusion, build_model
 from latte.checkpoint import SaveError
-from latte.config import Config, ConfigError, load_config, resolved_arch
+from latte.config import Config, ConfigError, load_config
 from latte.preemption import EXIT_PREEMPTED, StopFlag
 
 
@@ -56,11 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_run_dir(cfg: Config, resumed_meta: dict | None = None) -> Path:
+def make_run_dir(cfg: Config, previous: str | None = None) -> Path:
     """results_dir/NNN-<model>: a fresh directory per run, holding the resolved config and TensorBoard events.
-    A resumed run continues in the directory its checkpoint was written from (one curve across restarts)."""
+    A resumed run continues in ``previous``, the directory its checkpoint was written from (one curve across
+    restarts), when it still exists."""
     root = Path(cfg.train.results_dir)
-    previous = (resumed_meta or {}).get("run_dir")
     if previous and (root / previous).is_dir():
         cfg.save(root / previous / "config.yaml")
         return root / previous
@@ -78,57 +76,8 @@ def make_run_dir(cfg: Config, resumed_meta: dict | None = None) -> Path:
     return run_dir
 
 
-def batches_for(cfg: Config, world):
-    """This rank's resumable stream of micro-batches ``{"latent": (B, F, C, h, w), "y": (B,)}``: an iterable
-    with ``state_dict()`` / ``load_state_dict()`` (the dataset's ``LatentLoader`` or the synthetic stream)."""
-    if cfg.data.index:  # stream the dataset's shards; the index must fit the model this config builds
-        from data_pipeline.loader import Expected, LatentLoader, LoaderError
-
-        size = cfg.data.latent_size
-        expected = Expected((cfg.data.num_frames, cfg.model.in_channels, size, size), cfg.data.scaling_factor,
-                            cfg.model.num_classes)  # fmt: skip
-        try:
-            loader = LatentLoader(cfg.data.index, cfg.train.micro_batch_size, rank=world.rank,
-                                  world_size=world.world_size, seed=cfg.train.seed,
-                                  num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                                  infinite=True, expected=expected,
-                                  pin_memory=world.device.type == "cuda")  # fmt: skip
-        except (ValueError, LoaderError) as exc:  # unreadable index, missing shard, index vs config
-            raise ConfigError(str(exc)) from None
-        return loader
-    from data_pipeline.synthetic import SyntheticStream
-
-    return SyntheticStream(
-        cfg.train.seed,
-        cfg.train.micro_batch_size,
-        cfg.model.num_classes,
-        cfg.data.num_frames,
-        cfg.model.in_channels,
-        cfg.data.latent_size,
-        rank=world.rank,
-        world_size=world.world_size,
-        accumulation=cfg.train.gradient_accumulation_steps,
-    )
-
-
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Host batch tensor -> ``device`` without a blocking copy: pinned (the loader's workers pin already on
-    CUDA) and ``non_blocking``. The caching host allocator keeps the pinned buffer until the copy is done."""
-    if device.type == "cuda" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, dtype, non_blocking=True)
-
-
 class DivergedError(ConfigError):
     """The loss became NaN/inf: the run stops without a checkpoint (exit 2, not requeued)."""
-
-
-def dataset_record(cfg: Config, data) -> dict | None:
-    """What the latents were made with, recorded in every checkpoint (sampling divides by this factor)."""
-    facts = getattr(data, "facts", None)  # the dataset index's facts; None for synthetic data
-    if facts is None:
-        return None
-    return {"index": cfg.data.index, "vae": facts.vae, "scaling_factor": facts.scaling_factor}
 
 
 def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float], object, object]:
@@ -136,9 +85,11 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
     DeepSpeed engine and the sharded EMA. With ``stop``, a stop signal ends the loop early at a step boundary
     agreed by all ranks, with a checkpoint (``stop.requested`` and ``stop.stopped_at`` tell the caller).
     The checkpoint directory is claimed (``latte.run_lock``) for the run's duration, whatever ends it."""
+    from data_pipeline.sources import open_batches
     from latte.checkpoint import CheckpointManager
 
-    data = batches_for(cfg, world)  # first: a dataset that does not fit the config fails before any build
+    # first: a dataset that does not fit the config fails before any build
+    data = open_batches(cfg, world.rank, world.world_size, world.device.type)
     checkpoints = CheckpointManager(cfg, world)
     try:
         return _train(cfg, world, stop, data, checkpoints)
@@ -146,157 +97,121 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
         checkpoints.close()
 
 
-def _train(
-    cfg: Config, world, stop: StopFlag | None, data, checkpoints
-) -> tuple[list[float], object, object]:
+def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tuple[list[float], Any, Any]:
     from latte.builders import attention_line
-    from latte.ema import ShardedEMA
-    from latte.engine import build_engine, set_grad_clip
-    from latte.metrics import MetricsLogger, flops_per_sample, peak_flops
+    from latte.checkpoint import TrainState
+    from latte.conditioning import conditioning_of, to_device
+    from latte.engine import set_grad_clip
+    from latte.metrics import MetricsLogger
+    from latte.precision import DTYPES
     from latte.seeding import TrainingDraws, batch_indices
+    from latte.training import build_training
 
+    t_cfg = cfg.train
+    conditioning = conditioning_of(cfg.model)
+    missing = [key for key in conditioning.batch_keys if key not in data.batch_keys]
+    if missing:
+        raise ConfigError(f"the model is conditioned on {', '.join(missing)}, which the data does not carry")
     resume_from = checkpoints.find()  # refused (another config, dir in use, unwritable) before any build
-    checkpoints.dataset = dataset_record(cfg, data)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    random.seed(cfg.train.seed)  # python's and numpy's RNGs too: checkpoints save all three, so resumes are
-    np.random.seed(cfg.train.seed)  # exact whatever library draws from them
-    model = build_model(cfg)
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    attention = attention_line(cfg, world.device, compute_dtype)  # an explicit kernel that cannot run: error
-    diffusion = build_diffusion(cfg)
-    # fp32 sin-cos tables for the EMA, and the parameter count: before ZeRO-3 partitions (and bf16 casts) them
-    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine = build_engine(cfg, model, world, load_universal=checkpoints.reshard)
-    ema = ShardedEMA(engine, cfg.train.ema_decay, frozen)  # starts as a copy of the synced initial weights
-
-    def model_fn(x_t, t, **kwargs):  # diffusion math in fp32, the network in the engine's precision
-        return engine(x_t.to(compute_dtype), t, **kwargs).float()
-
-    run_dir = make_run_dir(cfg, checkpoints.saved_meta) if world.is_main else None
-    checkpoints.run_dir = run_dir
-    logger = MetricsLogger(run_dir, world.is_main)
-    t_cfg, d_cfg = cfg.train, cfg.data
-    micro, accum, ws = t_cfg.micro_batch_size, t_cfg.gradient_accumulation_steps, world.world_size
-    global_batch = micro * accum * ws
-    latent_shape = (d_cfg.num_frames, cfg.model.in_channels, d_cfg.latent_size, d_cfg.latent_size)
-    arch = resolved_arch(cfg)
-    flops = flops_per_sample(arch, d_cfg.num_frames, d_cfg.latent_size, cfg.model.in_channels,
-                             cfg.model.learn_sigma)  # fmt: skip
-    peak, device_name = peak_flops(world.device, t_cfg.precision, tf32=t_cfg.tf32)
-    tokens_per_sample = d_cfg.num_frames * (d_cfg.latent_size // arch.patch_size) ** 2
+    attention = attention_line(cfg, world.device, DTYPES[t_cfg.precision])  # can't run: an error
+    training = build_training(cfg, world, load_universal=checkpoints.reshard)
+    engine, ema, diffusion = training.engine, training.ema, training.diffusion
+    run_dir = make_run_dir(cfg, checkpoints.resumed_run_dir) if world.is_main else None
+    metrics = MetricsLogger(run_dir, world.is_main, cfg, world.world_size, world.device)
+    state = TrainState(engine, ema, data)
     if world.is_main:
-        peak_text = f"{peak:.3g} FLOP/s" if peak else "n/a"
-        print(
-            f"run dir {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | {ws} x {device_name} | "
-            f"{t_cfg.precision} | ZeRO {t_cfg.zero_stage} | global batch {global_batch} = {micro} micro x "
-            f"{accum} accumulation x {ws} ranks | peak {peak_text}",
-            flush=True,
-        )
+        print(_run_line(cfg, run_dir, training.n_params, metrics), flush=True)
         print(attention, flush=True)
 
-    start_step = checkpoints.load(resume_from, engine, ema, data) if resume_from is not None else 0
+    start_step = checkpoints.load(resume_from, state) if resume_from is not None else 0
     if resume_from is None and world.is_main:
-        why = (
-            "train.resume=none" if t_cfg.resume == "none" else f"no complete checkpoint in {checkpoints.dir}"
-        )
+        where = f"no complete checkpoint in {checkpoints.dir}"
+        why = "train.resume=none" if t_cfg.resume == "none" else where
         print(f"starting at step 0 ({why})", flush=True)
     if start_step >= t_cfg.max_steps:
         if world.is_main:
             print(f"nothing to train: the run is already at step {start_step}, train.max_steps is "
                   f"{t_cfg.max_steps} (raise train.max_steps to continue it)", flush=True)  # fmt: skip
-        logger.close()
+        metrics.close()
         return [], engine, ema
     batches = iter(data)  # after load: the stream continues where the checkpoint's left off
-    # (t, noise, label dropout) of each sample from (seed, step, its index in the global batch)
-    drop_prob = cfg.model.class_dropout_prob if cfg.model.num_classes else 0.0
-    draws = TrainingDraws(t_cfg.seed, diffusion.num_timesteps, latent_shape, world.device, drop_prob)
-    interval_loss = torch.zeros((), device=world.device)
+    micro, accum, ws = t_cfg.micro_batch_size, t_cfg.gradient_accumulation_steps, world.world_size
+    latent_shape = (cfg.data.num_frames, cfg.model.in_channels, cfg.data.latent_size, cfg.data.latent_size)
+    # (t, noise, condition dropout) of each sample from (seed, step, its index in the global batch)
+    draws = TrainingDraws(t_cfg.seed, diffusion.num_timesteps, latent_shape, world.device,
+                          conditioning.dropout_prob)  # fmt: skip
+    interval_loss = torch.zeros((), device=world.device)  # the sum of this rank's losses since the last log
     history: list[float] = []
-    data_wait, t0, interval_start = 0.0, time.perf_counter(), start_step
 
-    def check_finite(loss_sum: float, first: int, last: int) -> None:
-        """No checkpoint, and no further step, after a NaN/inf loss (checked where the loss is reduced)."""
-        if not math.isfinite(loss_sum):
+    def mean_loss_since(first: int, done: int) -> float:
+        """The all-reduced mean loss of steps ``first+1 .. done``: one collective and host sync. NaN/inf
+        stops the run without a checkpoint and without a further step."""
+        total = interval_loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        mean = total.item() / ((done - first) * ws)
+        if not math.isfinite(mean):
             latest = checkpoints.dir / "latest"
             good = latest.read_text().strip() if latest.is_file() else "none"
             raise DivergedError(
-                f"the loss is {loss_sum} in steps {first}-{last}: stopped without writing a checkpoint "
+                f"the loss is {mean} in steps {first + 1}-{done}: stopped without writing a checkpoint "
                 f"(latest stays {good}); lower train.lr or clip earlier (train.clip_start_step), then resume"
             )
+        return mean
 
-    def save(done: int, since: int) -> None:
-        """Checkpoint after step ``done``, unless a loss since the last log (step ``since``) is not finite:
-        non-finite weights are never saved (one all-reduce and host sync, at checkpoints only)."""
-        if since < done:
-            pending = interval_loss.detach().clone()
-            torch.distributed.all_reduce(pending)
-            check_finite(pending.item(), since + 1, done)
-        checkpoints.save(done, engine, ema, data)
+    def save(done: int) -> None:  # non-finite weights are never saved: the loss since the last log first
+        if metrics.interval_start < done:
+            mean_loss_since(metrics.interval_start, done)
+        checkpoints.save(done, state, run_dir)
 
     if stop is not None:
         stop.arm()
+    metrics.start(start_step)
     for step in range(start_step, t_cfg.max_steps):
         set_grad_clip(engine, t_cfg.clip_max_norm if step >= t_cfg.clip_start_step else 0.0)
         for a in range(accum):  # engine.step() steps the optimizer exactly at every accum-th micro-batch
-            wait = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - wait
+            with metrics.waiting_for_data():
+                batch = next(batches)
             drawn = draws(step, batch_indices(a, world.rank, ws, micro))
             x = to_device(batch["latent"], world.device, torch.float32)  # (B, F, C, h, w)
-            kwargs = {"y": to_device(batch["y"], world.device)} if "y" in batch else {}
-            if drawn.drop is not None:
-                kwargs["force_drop_ids"] = drawn.drop
-            losses = diffusion.training_losses(model_fn, x, drawn.t, kwargs, noise=drawn.noise)
-            loss = losses["loss"].mean()
+            kwargs = conditioning.training_kwargs(batch, world.device, drawn.drop)
+            loss = diffusion.training_losses(training.model_fn, x, drawn.t, kwargs, noise=drawn.noise)["loss"]
+            loss = loss.mean()
             engine.backward(loss)
             engine.step()
             if engine.was_step_applied():  # an optimizer step happened (not a micro-batch, not an fp16 skip)
                 ema.update()
             interval_loss += loss.detach() / accum
-        if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.max_steps:
-            steps = step + 1 - interval_start
-            torch.distributed.all_reduce(interval_loss)  # the one collective + host sync per interval
-            mean_loss = interval_loss.item() / (steps * ws)
-            check_finite(mean_loss, interval_start + 1, step + 1)
-            history.append(mean_loss)
-            elapsed = time.perf_counter() - t0
-            samples_per_s = steps * global_batch / elapsed
-            tflops = flops.training * samples_per_s / ws  # per device
+        done = step + 1
+        if metrics.should_log(done):
+            history.append(mean_loss_since(metrics.interval_start, done))
             grad_norm = engine.get_global_grad_norm()
-            logger.log(step + 1, {
-                "train/loss": mean_loss,
+            metrics.log_step(done, {
+                "train/loss": history[-1],
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "train/lr": engine.get_lr()[0],
-                "perf/samples_per_s": samples_per_s,
-                "perf/tokens_per_s": samples_per_s * tokens_per_sample,
-                "perf/tflops_per_device": tflops / 1e12,
-                "perf/mfu": tflops / peak if peak else None,
-                "perf/data_wait": data_wait / elapsed,
-                "perf/peak_mem_gb": _peak_memory_gb(world.device),
             })  # fmt: skip
             interval_loss.zero_()
-            data_wait, t0, interval_start = 0.0, time.perf_counter(), step + 1
-
-        saved = (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.max_steps
+        saved = checkpoints.due(done)
         if saved:
-            save(step + 1, interval_start)
-        check = (step + 1) % t_cfg.stop_check_every == 0  # the same steps on every rank, across restarts
-        if stop is not None and check and step + 1 < t_cfg.max_steps and stop.agreed():  # one CPU all-reduce
+            save(done)
+        check = done % t_cfg.stop_check_every == 0  # the same steps on every rank, across restarts
+        if stop is not None and check and done < t_cfg.max_steps and stop.agreed():  # one CPU all-reduce
             if not saved:
-                save(step + 1, interval_start)
-            stop.stopped_at = step + 1
+                save(done)
+            stop.stopped_at = done
             break
-    logger.close()
+    metrics.close()
     return history, engine, ema
 
 
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (host RSS)
+def _run_line(cfg: Config, run_dir: Path | None, n_params: int, metrics) -> str:
+    t, ws = cfg.train, metrics.world_size
+    peak = f"{metrics.peak:.3g} FLOP/s" if metrics.peak else "n/a"
+    return (
+        f"run dir {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | {ws} x {metrics.device_name} | "
+        f"{t.precision} | ZeRO {t.zero_stage} | global batch {metrics.global_batch} = {t.micro_batch_size} "
+        f"micro x {t.gradient_accumulation_steps} accumulation x {ws} ranks | peak {peak}"
+    )
 
 
 def _config_error(error: ConfigError, rank: int) -> int:

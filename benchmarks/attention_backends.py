@@ -28,9 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from latte.models import BACKENDS, LATTE_MODELS, Latte, resolve_backend  # noqa: E402
-from latte.models.attention import Attention, CrossAttention  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from latte.models.attention import Attention  # noqa: E402
+from latte.precision import DTYPES  # noqa: E402
 
 
 @dataclass
@@ -84,7 +83,7 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
 
 def set_backend(model: Latte, backend: str) -> None:
     for module in model.modules():
-        if isinstance(module, (Attention, CrossAttention)):
+        if isinstance(module, Attention):
             module.backend = backend
 
 

@@ -81,24 +81,19 @@ def _plain_read(paths: list[Path], nbytes: int) -> None:
 
 def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
     from data_pipeline.synthetic import SyntheticStream
-    from latte.builders import build_diffusion, build_model
-    from latte.checkpoint import CheckpointManager, tag_for
+    from latte.checkpoint import CheckpointManager, TrainState, tag_for
     from latte.config import load_config
-    from latte.ema import ShardedEMA
-    from latte.engine import build_engine, setup_distributed
+    from latte.engine import setup_distributed
+    from latte.training import build_training
 
     cfg = load_config(None, [f"model.name={model}", "model.num_classes=101", "data.num_frames=16",
                              "data.image_size=256", "train.micro_batch_size=1", f"train.zero_stage={zero}",
-                             f"train.ckpt_dir={ckpt_dir}", "train.keep_last=10"])  # fmt: skip
+                             f"train.ckpt_dir={ckpt_dir}", "train.keep_last=10", "train.seed=0"])  # fmt: skip
     world = setup_distributed(cfg)
-    torch.manual_seed(0)
-    net = build_model(cfg)
-    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
-    full_ema_bytes = 4 * sum(p.numel() for p in net.parameters() if p.requires_grad)
-    engine = build_engine(cfg, net, world)
-    ema = ShardedEMA(engine, cfg.train.ema_decay, frozen)
+    training = build_training(cfg, world)
+    engine, ema, diffusion = training.engine, training.ema, training.diffusion
+    full_ema_bytes = 4 * training.n_params
     data = SyntheticStream(0, 1, 101, 16, 4, 32, rank=world.rank, world_size=world.world_size)
-    diffusion = build_diffusion(cfg)
     x = torch.randn(1, 16, 4, 32, 32)  # (B, F, C, h, w)
     loss = diffusion.training_losses(engine, x, torch.tensor([500]), {"y": torch.tensor([3])})["loss"].mean()
     engine.backward(loss)
@@ -106,9 +101,10 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
     ema.update()
 
     manager = CheckpointManager(cfg, world)
+    state = TrainState(engine, ema, data)
     saves, writes, loads, reads = [], [], [], []
     for rep in range(REPEATS):  # alternating; best of each (timeit): page-cache write-back noise is large
-        saves.append(_counted("wchar", manager.save, rep + 1, engine, ema, data))
+        saves.append(_counted("wchar", manager.save, rep + 1, state))
         step_dir = Path(ckpt_dir) / tag_for(rep + 1)
         written = saves[-1][1]
         buffer = np.ones(written, dtype=np.uint8)  # allocated and touched before the clock starts
@@ -116,7 +112,7 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
         writes.append(_barrier_time(_plain_write, scratch, buffer))
         scratch.unlink()
         manager.find()
-        loads.append(_counted("rchar", manager.load, step_dir, engine, ema, data))
+        loads.append(_counted("rchar", manager.load, step_dir, state))
         files = sorted((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
         read = loads[-1][1]
         reads.append(_barrier_time(_plain_read, files[world.rank :: world.world_size], read))

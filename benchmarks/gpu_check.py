@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 import latte.models.attention as kernels  # noqa: E402
 from latte.builders import build_diffusion, build_model, compile_blocks  # noqa: E402
 from latte.config import Config, load_config, resolved_arch  # noqa: E402
+from latte.errors import first_line  # noqa: E402
 from latte.metrics import flops_per_sample, peak_for_name  # noqa: E402
 
 PACKAGES = ("torch", "deepspeed", "flash_attn", "flash_attn_interface", "xformers", "diffusers", "triton")
@@ -96,7 +97,7 @@ def _cell(value: Any) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+    return f"{type(exc).__name__}: {first_line(exc, 300, default='')}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,6 +28,7 @@ from latte.builders import build_diffusion, build_model  # noqa: E402
 from latte.config import load_config, resolved_arch  # noqa: E402
 from latte.engine import build_engine, set_grad_clip, setup_distributed  # noqa: E402
 from latte.metrics import flops_per_sample, peak_flops  # noqa: E402
+from latte.precision import DTYPES  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,7 +70,7 @@ def main() -> None:
     cfg = load_config(None, overrides)
     world = setup_distributed(cfg)
     dev = world.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    dtype = DTYPES[args.precision]
     diffusion = build_diffusion(cfg)
     torch.manual_seed(0)
     reference = build_model(cfg)

@@ -16,6 +16,7 @@ import sys
 
 from data_pipeline import storage
 from data_pipeline.index import DatasetIndexError, merge_parts
+from latte.errors import first_line
 
 JOB_NAME = "job.json"  # the sharding job's settings, written by data_pipeline.shard_latents
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         num_tasks = args.num_tasks if args.num_tasks is not None else recorded_num_tasks(args.output)
         index = merge_parts(args.output, num_tasks)
     except (DatasetIndexError, storage.StorageError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
     gigabytes = sum(s.bytes for s in index.shards) / 1e9
     print(

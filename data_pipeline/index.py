@@ -36,13 +36,17 @@ class DatasetIndexError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetFacts:
+    """What the stored samples are. Some facts say which optional sample fields the dataset carries (the
+    ``fact`` of each field in ``latent_sample.FIELDS``: ``classes`` for ``y``); a new one needs a default
+    meaning "absent", so indexes written before it still read."""
+
     vae: str  # local path or hub id of the AutoencoderKL that encoded the latents
     scaling_factor: float  # already multiplied into latent mean and std; decode divides by it
     latent_shape: list[int]  # (F, C, h, w) of one sample's latent.npy
     num_frames: int
     frame_interval: int
     image_size: int
-    classes: list[str] = field(default_factory=list)  # class names by label; [] = unconditional
+    classes: list[str] = field(default_factory=list)  # class names by label; [] = unconditional (no y)
     dtype: str = "float16"  # storage dtype of latent.npy / latent_std.npy
 
 

@@ -1,8 +1,23 @@
-"""One latent sample as the sharding job stores it, decoded and checked, and the draw ``mean + std * eps``.
+"""What a sample carries, declared once (``FIELDS``); how it is decoded from a shard and made into a batch.
 
-Tar members of a sample ``KEY``: ``KEY.latent.npy`` (posterior mean x scaling factor, shape (F, C, h, w), the
-index's dtype), ``KEY.latent_std.npy`` (posterior std x scaling factor, same shape and dtype), ``KEY.cls``
-(ASCII decimal label; absent for unconditional datasets), ``KEY.json`` (metadata, not read here).
+Each ``Field`` names its batch key, its tar members (``KEY.<member>`` in a shard), the index fact that says a
+dataset carries it (``None``: every dataset must), how its members are decoded and checked against the
+index's facts, and how a batch's values are collated. ``decode_sample``, ``draw_batch``, the members the
+loader reads, its batch keys and the synthetic stream's keys all follow from this table:
+
+    batch key  members                       index fact         in a batch
+    latent     latent.npy, latent_std.npy    - (every dataset)  (B, F, C, h, w) float: mean + std * eps
+    y          cls                           classes            (B,) int64 label in [0, len(classes))
+
+then ``key``: the batch's sample ids. ``latent.npy`` holds the posterior mean x scaling factor, shape
+(F, C, h, w), in the index's dtype; ``latent_std.npy`` the posterior std x scaling factor, same shape and
+dtype; ``cls`` an ASCII decimal label; ``KEY.json`` (metadata) is not read. Every sample of a dataset whose
+fact is set must carry the field; a consumer may decline an optional one (an unconditional model gets no
+``y`` from a labelled dataset).
+
+Adding a field (say T5 caption embeddings ``caption.npy`` and their mask) is one ``Field`` in ``FIELDS``,
+its fact in ``data_pipeline.index.DatasetFacts`` (defaulting to "absent", so earlier indexes still read),
+and the sharding job writing its members.
 
 The noise ``eps`` of a sample comes from a generator seeded by (seed, epoch, sample id), so a sample gets the
 same latent in an epoch whatever rank, worker or position reads it, and a new one every epoch.
@@ -14,13 +29,18 @@ import ast
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-MEAN, STD, LABEL = "latent.npy", "latent_std.npy", "cls"
+if TYPE_CHECKING:
+    from data_pipeline.index import DatasetFacts
+
+MEAN, STD, LABEL = "latent.npy", "latent_std.npy", "cls"  # tar members
+KEY = "key"  # the batch key of the sample ids (every batch of the loader has it)
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -29,20 +49,57 @@ class CorruptSample(ValueError):
 
 
 @dataclass(frozen=True)
-class SampleSpec:
-    """What every sample of a dataset must look like (from its index)."""
+class Draw:
+    """The batch being collated: its sample ids, the (seed, epoch) of the noise, the dtype of float values."""
 
-    shape: tuple[int, ...]  # (F, C, h, w)
-    dtype: str  # numpy dtype name of latent.npy and latent_std.npy, e.g. "float16"
-    num_classes: int  # 0 = labels are neither required nor returned; N = label in [0, N) required
+    ids: list[str]
+    seed: int
+    epoch: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Field:
+    """One thing a sample carries (see the module docstring)."""
+
+    key: str  # its batch key
+    members: tuple[str, ...]  # its tar members, all present in every sample that carries it
+    fact: str | None  # the DatasetFacts attribute, truthy where the dataset carries it; None = every dataset
+    decode: Callable[[str, Mapping[str, bytearray], DatasetFacts], Any]  # (id, members, facts) -> value
+    collate: Callable[[list[Any], Draw], torch.Tensor]  # the values of a batch's samples -> its batch entry
+
+    @property
+    def required(self) -> bool:
+        """Carried by every dataset, and by every batch (a consumer cannot decline it)."""
+        return self.fact is None
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What every sample of a dataset must look like: the index's facts and the fields its samples carry."""
+
+    facts: DatasetFacts
+    fields: tuple[Field, ...]  # in ``FIELDS`` order
+
+    @classmethod
+    def of(cls, facts: DatasetFacts, without: Collection[str] = ()) -> SampleSpec:
+        """The spec of a dataset with ``facts``, less the optional fields with batch keys in ``without``."""
+        return cls(facts, carried_fields(facts, without))
+
+    @property
+    def members(self) -> frozenset[str]:
+        """The tar members read of a sample (the others, e.g. its ``.json``, are skipped)."""
+        return frozenset(m for f in self.fields for m in f.members)
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return (*(f.key for f in self.fields), KEY)
 
 
 @dataclass(frozen=True)
 class Sample:
     id: str  # "<shard url relative to the index>/<key>": unique in the dataset, stable across copies of it
-    mean: np.ndarray  # (F, C, h, w) in the stored dtype
-    std: np.ndarray  # (F, C, h, w) in the stored dtype
-    label: int | None
+    values: dict[str, Any]  # the decoded value of each field of the spec, by batch key
 
 
 @functools.lru_cache(maxsize=64)
@@ -58,7 +115,7 @@ def _finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def parse_npy(buffer: bytearray, spec: SampleSpec, name: str) -> np.ndarray:
+def parse_npy(buffer: bytearray, shape: tuple[int, ...], dtype: str, name: str) -> np.ndarray:
     """A ``.npy`` file's array as a zero-copy view of ``buffer``; checks dtype, shape and finiteness."""
     view = memoryview(buffer)
     if len(view) < 10 or bytes(view[:6]) != _NPY_MAGIC:
@@ -66,41 +123,21 @@ def parse_npy(buffer: bytearray, spec: SampleSpec, name: str) -> np.ndarray:
     width = 2 if view[6] == 1 else 4  # format 1.0 has a 2-byte header length, 2.0 and 3.0 a 4-byte one
     start = 8 + width + int.from_bytes(view[8 : 8 + width], "little")
     try:
-        dtype, shape, fortran = _npy_header(bytes(view[8 + width : start]))
+        found, found_shape, fortran = _npy_header(bytes(view[8 + width : start]))
     except (ValueError, SyntaxError, KeyError, TypeError) as exc:
         raise CorruptSample(f"{name} has an unreadable .npy header: {exc}") from None
-    if dtype != np.dtype(spec.dtype) or fortran or shape != spec.shape:
+    if found != np.dtype(dtype) or fortran or found_shape != shape:
         raise CorruptSample(
-            f"{name} holds {dtype.name}{list(shape)}{' (Fortran order)' if fortran else ''}, "
-            f"the index promises {spec.dtype}{list(spec.shape)}"
+            f"{name} holds {found.name}{list(found_shape)}{' (Fortran order)' if fortran else ''}, "
+            f"the index promises {dtype}{list(shape)}"
         )
     count = math.prod(shape)
-    if len(view) - start != count * dtype.itemsize:
-        raise CorruptSample(f"{name} has {len(view) - start} data bytes, expected {count * dtype.itemsize}")
-    array = np.frombuffer(buffer, dtype=dtype, count=count, offset=start).reshape(shape)  # (F, C, h, w)
+    if len(view) - start != count * found.itemsize:
+        raise CorruptSample(f"{name} has {len(view) - start} data bytes, expected {count * found.itemsize}")
+    array = np.frombuffer(buffer, dtype=found, count=count, offset=start).reshape(shape)  # (F, C, h, w)
     if not _finite(array):
         raise CorruptSample(f"{name} holds NaN or Inf")
     return array
-
-
-def decode_sample(sample_id: str, members: dict[str, bytearray], spec: SampleSpec) -> Sample:
-    """Check and decode one sample's members; raises ``CorruptSample`` saying what is wrong."""
-    missing = [m for m in (MEAN, STD) if m not in members]
-    if spec.num_classes and LABEL not in members:
-        missing.append(LABEL)
-    if missing:
-        raise CorruptSample(f"sample '{sample_id}' lacks {', '.join(missing)}")
-    mean = parse_npy(members[MEAN], spec, f"{sample_id}.{MEAN}")
-    std = parse_npy(members[STD], spec, f"{sample_id}.{STD}")
-    label = None
-    if spec.num_classes:
-        try:
-            label = int(bytes(members[LABEL]).decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise CorruptSample(f"{sample_id}.{LABEL} is not a decimal integer") from None
-        if not 0 <= label < spec.num_classes:
-            raise CorruptSample(f"{sample_id}.{LABEL} = {label} is outside [0, {spec.num_classes})")
-    return Sample(sample_id, mean, std, label)
 
 
 def noise_seed(seed: int, epoch: int, sample_id: str) -> int:
@@ -109,22 +146,86 @@ def noise_seed(seed: int, epoch: int, sample_id: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def draw_batch(
-    samples: Sequence[Sample], seed: int, epoch: int, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor | list[str]]:
-    """A batch ``{"latent": (B, F, C, h, w), "y": (B,) int64 when labelled, "key": [B sample ids]}``.
+# --------------------------------------------------------------------------------------------------------
+# The fields: decode (members -> value, raising CorruptSample) and collate (values -> batch entry)
+# --------------------------------------------------------------------------------------------------------
 
-    ``latent = mean + std * eps`` computed in float32 (then cast to ``dtype``), eps ~ N(0, 1) per sample."""
-    shape = samples[0].mean.shape
-    latent = torch.empty((len(samples), *shape), dtype=torch.float32)  # (B, F, C, h, w)
+
+def _decode_latent(
+    sample_id: str, members: Mapping[str, bytearray], facts: DatasetFacts
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), each (F, C, h, w) in the stored dtype."""
+    shape = tuple(facts.latent_shape)
+    mean = parse_npy(members[MEAN], shape, facts.dtype, f"{sample_id}.{MEAN}")
+    std = parse_npy(members[STD], shape, facts.dtype, f"{sample_id}.{STD}")
+    return mean, std
+
+
+def _draw_latent(values: list[tuple[np.ndarray, np.ndarray]], draw: Draw) -> torch.Tensor:
+    """``mean + std * eps`` (B, F, C, h, w), computed in float32 (then cast to ``draw.dtype``)."""
+    shape = values[0][0].shape  # (F, C, h, w)
+    latent = torch.empty((len(values), *shape), dtype=torch.float32)  # (B, F, C, h, w)
     generator = torch.Generator()
-    for i, sample in enumerate(samples):
-        generator.manual_seed(noise_seed(seed, epoch, sample.id))
+    for i, (sample_id, (mean, std)) in enumerate(zip(draw.ids, values, strict=True)):
+        generator.manual_seed(noise_seed(draw.seed, draw.epoch, sample_id))
         out = latent[i]  # (F, C, h, w)
         torch.randn(shape, generator=generator, out=out)
-        out.mul_(torch.from_numpy(sample.std).float()).add_(torch.from_numpy(sample.mean).float())
-    batch: dict[str, torch.Tensor | list[str]] = {"latent": latent.to(dtype)}
-    if samples[0].label is not None:
-        batch["y"] = torch.tensor([s.label for s in samples], dtype=torch.int64)  # (B,)
-    batch["key"] = [s.id for s in samples]
+        out.mul_(torch.from_numpy(std).float()).add_(torch.from_numpy(mean).float())
+    return latent.to(draw.dtype)
+
+
+def _decode_label(sample_id: str, members: Mapping[str, bytearray], facts: DatasetFacts) -> int:
+    try:
+        label = int(bytes(members[LABEL]).decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptSample(f"{sample_id}.{LABEL} is not a decimal integer") from None
+    if not 0 <= label < len(facts.classes):
+        raise CorruptSample(f"{sample_id}.{LABEL} = {label} is outside [0, {len(facts.classes)})")
+    return label
+
+
+def _stack_labels(values: list[int], draw: Draw) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)  # (B,)
+
+
+LATENT_FIELD = Field("latent", (MEAN, STD), None, _decode_latent, _draw_latent)
+LABEL_FIELD = Field("y", (LABEL,), "classes", _decode_label, _stack_labels)
+FIELDS: tuple[Field, ...] = (LATENT_FIELD, LABEL_FIELD)  # batch order
+
+
+def carried_fields(
+    facts: DatasetFacts | Mapping[str, Any], without: Collection[str] = ()
+) -> tuple[Field, ...]:
+    """The fields a dataset's samples carry: every required one and each optional one whose fact is set in
+    ``facts`` (the index's ``DatasetFacts``, or a mapping of fact names for data made on the fly), less those
+    whose batch keys are in ``without``."""
+    declined = [f.key for f in FIELDS if f.required and f.key in without]
+    if declined:
+        raise ValueError(f"fields {declined} are carried by every sample and cannot be declined")
+
+    def has(fact: str) -> bool:
+        return bool(facts.get(fact) if isinstance(facts, Mapping) else getattr(facts, fact, None))
+
+    return tuple(f for f in FIELDS if f.key not in without and (f.required or has(f.fact)))
+
+
+def decode_sample(sample_id: str, members: Mapping[str, bytearray], spec: SampleSpec) -> Sample:
+    """Check and decode one sample's members; raises ``CorruptSample`` saying what is wrong."""
+    missing = [m for f in spec.fields for m in f.members if m not in members]
+    if missing:
+        raise CorruptSample(f"sample '{sample_id}' lacks {', '.join(missing)}")
+    return Sample(sample_id, {f.key: f.decode(sample_id, members, spec.facts) for f in spec.fields})
+
+
+def draw_batch(
+    samples: Sequence[Sample], spec: SampleSpec, seed: int, epoch: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor | list[str]]:
+    """A batch ``{"latent": (B, F, C, h, w), "y": (B,) int64 when labelled, "key": [B sample ids]}``: one
+    entry per field of ``spec``, then the sample ids. ``latent = mean + std * eps``, eps ~ N(0, 1) per
+    sample, computed in float32 and cast to ``dtype``."""
+    draw = Draw([s.id for s in samples], seed, epoch, dtype)
+    batch: dict[str, torch.Tensor | list[str]] = {
+        f.key: f.collate([s.values[f.key] for s in samples], draw) for f in spec.fields
+    }
+    batch[KEY] = draw.ids
     return batch

@@ -55,9 +55,10 @@ from data_pipeline.epoch_plan import (
     slice_pieces,
 )
 from data_pipeline.index import DatasetFacts, index_url_for, load_index
-from data_pipeline.latent_sample import SampleSpec
+from data_pipeline.latent_sample import LABEL_FIELD, SampleSpec
 from data_pipeline.shard_reader import DatasetUnreadableError, LoaderError
 from data_pipeline.stream_batches import PieceSource, stream_batches
+from latte.seeding import mix_seed
 
 __all__ = ["DatasetUnreadableError", "Expected", "IndexMismatchError", "LatentLoader", "LoaderError"]
 
@@ -77,6 +78,11 @@ class Expected:
     latent_shape: tuple[int, ...] | None = None  # (F, C, h, w) the model is built for
     scaling_factor: float | None = None  # the VAE scaling factor the run assumes (sampling divides by it)
     num_classes: int | None = None  # 0 = unconditional model (labels are not returned); N = N classes
+
+    def declined(self) -> tuple[str, ...]:
+        """Batch keys of the optional sample fields the config does not want even from a dataset that has
+        them (``latent_sample.FIELDS``): the labels, for an unconditional model."""
+        return (LABEL_FIELD.key,) if self.num_classes == 0 else ()
 
 
 def check_facts(facts: DatasetFacts, expected: Expected, index_url: str) -> None:
@@ -126,8 +132,15 @@ def _one_thread(items: Iterator[Any]) -> Iterator[Any]:
 class _RankStreams(IterableDataset):
     """One rank's streams for a DataLoader: worker p runs stream (p + rotation) % workers from its cursor."""
 
-    def __init__(self, plan: SegmentPlan, rank: int, starts: list[int], rotation: int, source: PieceSource,
-                 dtype: torch.dtype) -> None:  # fmt: skip
+    def __init__(
+        self,
+        plan: SegmentPlan,
+        rank: int,
+        starts: list[int],
+        rotation: int,
+        source: PieceSource,
+        dtype: torch.dtype,
+    ) -> None:
         super().__init__()
         # only this rank's streams travel to the workers
         self.plan = dataclasses.replace(
@@ -165,6 +178,9 @@ class LatentLoader:
             them, so the ranks together check every shard once).
         prefetch_factor: batches each worker prepares ahead.
         pin_memory: hand over batches from workers in pinned host memory (for non-blocking copies to a GPU).
+
+    Attributes: ``facts`` (the index's ``DatasetFacts``), ``spec`` (what its samples carry, from
+    ``latent_sample.FIELDS``) and ``batch_keys`` (the keys of every batch, e.g. ("latent", "y", "key")).
     """
 
     def __init__(
@@ -203,12 +219,12 @@ class LatentLoader:
         check_facts(self.facts, expected, self.index_url)
         self.urls = self.index.shard_urls(self.index_url)
         self.counts = [s.samples for s in self.index.shards]
-        self.labelled = bool(self.facts.classes) and expected.num_classes != 0
-        spec = SampleSpec(
-            tuple(self.facts.latent_shape), self.facts.dtype, len(self.facts.classes) * self.labelled
+        self.spec = SampleSpec.of(self.facts, without=expected.declined())  # what its samples carry
+        self.batch_keys = self.spec.batch_keys  # ("latent", "y" when labelled, "key")
+        names = [s.url for s in self.index.shards]
+        self._source = PieceSource(
+            self.urls, names, self.spec, Counter(), retries, retry_backoff, dataset=self.index_url
         )
-        self._source = PieceSource(self.urls, [s.url for s in self.index.shards], spec, Counter(),
-                                   retries, retry_backoff, dataset=self.index_url)  # fmt: skip
         if check_shards:
             self._check_shards()
         self.epoch = 0
@@ -291,10 +307,16 @@ class LatentLoader:
         # Its own generator for the workers' base seed: by default DataLoader draws it from the global torch
         # RNG, which training checkpoints and restores, so a resumed run would draw it once more (shifting,
         # e.g., the label dropout) than the run it continues. The streams seed themselves (by sample id).
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + plan.epoch)
-        yield from DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers,
-                              collate_fn=_identity, prefetch_factor=self.prefetch_factor,
-                              generator=generator, pin_memory=self.pin_memory)  # fmt: skip
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, plan.epoch))
+        yield from DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.layout.num_workers,
+            collate_fn=_identity,
+            prefetch_factor=self.prefetch_factor,
+            generator=generator,
+            pin_memory=self.pin_memory,
+        )
 
     # ------------------------------------------------------------------------------------------------------
     # state
@@ -319,7 +341,7 @@ class LatentLoader:
                 "shards": len(self.urls),
                 "samples": self.index.num_samples,
                 "fingerprint": self._fingerprint(),
-            },  # fmt: skip
+            },
             "seed": self.seed,
             "epoch": self.epoch,
             "segments": segments,

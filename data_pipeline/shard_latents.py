@@ -76,8 +76,8 @@ from data_pipeline.video import (
     VideoInput,
     clip_loader,
     list_inputs,
-    one_line,
 )
+from latte.errors import first_line
 
 log = logging.getLogger("data_pipeline.shard_latents")
 JOB_FORMAT = "latte-shard-job/1"
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         args.device = devices[0] if devices else args.device
         job = prepare(args)
     except (JobError, DatasetIndexError) as exc:  # (the index: merged by fan_out after its sub-tasks)
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
     summary, error, code = None, None, 0
     try:
@@ -473,9 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_merge:
             summary.merged = maybe_merge(job)
     except storage.StorageError as exc:  # e.g. S3 went away mid-job: finished shards stay recorded
-        error, code = f"{one_line(exc)} (finished shards are kept; rerun the task to go on)", 1
+        error, code = f"{first_line(exc)} (finished shards are kept; rerun the task to go on)", 1
     except DatasetIndexError as exc:  # an unreadable part, or the merged index has no samples
-        error, code = one_line(exc), 2
+        error, code = first_line(exc), 2
     if summary is not None:  # what the task did, also when its merge failed
         print(summary.line(job.task, job.num_tasks))
     if error is not None:

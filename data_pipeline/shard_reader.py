@@ -22,6 +22,7 @@ from typing import BinaryIO
 from webdataset.tariterators import base_plus_ext
 
 from data_pipeline.s3_opener import is_transient, open_shard
+from latte.errors import first_line
 
 logger = logging.getLogger("data_pipeline.loader")
 BLOCK = 512
@@ -204,5 +205,5 @@ class ShardReader:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    text = first_line(exc, limit=200, default="")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

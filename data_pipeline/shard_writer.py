@@ -20,6 +20,7 @@ import numpy as np
 from data_pipeline import storage
 from data_pipeline.index import ShardInfo
 from data_pipeline.video import VideoClips, VideoInput
+from latte.files import temp_path as local_temp_path
 
 
 class _HashingFile:
@@ -45,7 +46,7 @@ def temp_path(url: str, tmp_dir: str | None) -> Path:
     ``storage.put_file`` renames from (publication is a rename, not a copy). S3: in ``tmp_dir`` (default the
     system's), named after the output so a rerun can clean up after a killed run of the same task."""
     if not storage.is_s3(url):
-        return storage.local_temp_path(url)
+        return local_temp_path(url)
     name = posixpath.basename(url)
     tag = hashlib.sha256(posixpath.dirname(url).encode()).hexdigest()[:12]
     return Path(tmp_dir or tempfile.gettempdir(), f".latte-{tag}-{name}.tmp-{os.getpid()}")

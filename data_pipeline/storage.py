@@ -18,6 +18,9 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
+from latte.errors import first_line
+from latte.files import atomic_write
+
 _local = threading.local()
 _CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                "AWS_PROFILE")  # fmt: skip
@@ -101,7 +104,7 @@ def _s3_error(url: str, exc: Exception, is_object: bool = False) -> StorageError
             f"S3 error {code or type(exc).__name__} for '{url}'", code not in PERMANENT_S3_CODES
         )
     transient = isinstance(exc, (BotoCoreError, OSError))  # connection resets, timeouts, truncated bodies
-    message = f"S3 failure for '{url}': {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    message = f"S3 failure for '{url}': {type(exc).__name__}: {first_line(exc, 200)}"
     return StorageError(message, transient)
 
 
@@ -205,18 +208,11 @@ def open_read(url: str, offset: int = 0) -> BinaryIO:
     return f
 
 
-def local_temp_path(url: str) -> Path:
-    """The temporary name a local file is written under before ``os.replace`` publishes it."""
-    dest = Path(url)
-    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-
 
 def _publish_local(url: str, fill) -> None:
     """Write a local file under a temporary name with ``fill(tmp_path)``, then rename it into place."""
     Path(url).parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_temp_path(url)
-    fill(tmp)
-    os.replace(tmp, url)
+    atomic_write(url, fill)
 
 
 def _s3_call(url: str, call) -> None:

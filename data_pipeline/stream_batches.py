@@ -26,20 +26,10 @@ from itertools import islice
 import torch
 
 from data_pipeline.epoch_plan import Piece, SegmentPlan, slice_pieces, window_order
-from data_pipeline.latent_sample import (
-    LABEL,
-    MEAN,
-    STD,
-    CorruptSample,
-    Sample,
-    SampleSpec,
-    decode_sample,
-    draw_batch,
-)
+from data_pipeline.latent_sample import CorruptSample, Sample, SampleSpec, decode_sample, draw_batch
 from data_pipeline.shard_reader import DatasetUnreadableError, ShardReader
 
 logger = logging.getLogger("data_pipeline.loader")
-MEMBERS = frozenset((MEAN, STD, LABEL))  # what is read of a sample (its .json is skipped)
 
 
 @dataclass
@@ -48,7 +38,7 @@ class PieceSource:
 
     urls: Sequence[str]  # absolute shard urls, by shard index
     names: Sequence[str]  # shard urls relative to the index (the first part of sample ids)
-    spec: SampleSpec
+    spec: SampleSpec  # what a sample carries (its fields' members are read, the others skipped)
     stats: Counter = field(default_factory=Counter)
     retries: int = 8
     backoff: float = 0.5
@@ -60,7 +50,7 @@ class PieceSource:
             yield from self._read(piece.shard, piece.indices())
 
     def _read(self, shard: int, indices: list[int]) -> Iterator[Sample | None]:
-        reader = ShardReader(self.urls[shard], self.stats, self.retries, self.backoff, MEMBERS)
+        reader = ShardReader(self.urls[shard], self.stats, self.retries, self.backoff, self.spec.members)
         pending = iter(indices)
         wanted = next(pending)
         for index, key, members in reader.samples(indices):
@@ -161,7 +151,7 @@ def stream_batches(
                 stats = dict(source.stats)
                 source.stats.clear()
                 meta = {"stream": stream, "batch": index, "stats": stats}
-                yield meta, draw_batch(batch, plan.seed, plan.epoch, dtype)
+                yield meta, draw_batch(batch, source.spec, plan.seed, plan.epoch, dtype)
                 index, batch = index + 1, []
                 if index == work.quota:
                     return

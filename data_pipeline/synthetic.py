@@ -11,11 +11,21 @@ from collections.abc import Iterator
 
 import torch
 
+from data_pipeline.latent_sample import carried_fields
+from latte.seeding import mix_seed
+
+
+def synthetic_keys(num_classes: int) -> tuple[str, ...]:
+    """The batch keys of synthetic clips: the fields (``latent_sample.FIELDS``) a dataset with
+    ``num_classes`` classes carries ("latent", and "y" when labelled)."""
+    return tuple(f.key for f in carried_fields({"classes": num_classes}))
+
 
 def synthetic_clip_batch(
     generator: torch.Generator, batch_size: int, num_classes: int, num_frames: int, channels: int, size: int
 ) -> dict[str, torch.Tensor]:
-    """One batch: ``latent`` (B, F, C, size, size) float32 of unit-ish scale, ``y`` (B,) int64 labels."""
+    """One batch: ``latent`` (B, F, C, size, size) float32 of unit-ish scale, ``y`` (B,) int64 labels when
+    ``num_classes`` (the keys of ``synthetic_keys``)."""
     classes = max(num_classes, 1)
     y = torch.randint(0, classes, (batch_size,), generator=generator)  # (B,)
     angle = y.float() * math.pi / classes  # orientation per class
@@ -30,10 +40,8 @@ def synthetic_clip_batch(
     channel_phase = torch.arange(channels, dtype=torch.float32) * (math.pi / 2)  # (C,)
     latent = torch.sin(wave[:, :, None] + channel_phase[None, None, :, None, None])  # (B, F, C, S, S)
     latent = latent + 0.05 * torch.randn(latent.shape, generator=generator)
-    batch = {"latent": latent}
-    if num_classes:
-        batch["y"] = y
-    return batch
+    made = {"latent": latent, "y": y}
+    return {key: made[key] for key in synthetic_keys(num_classes)}
 
 
 def synthetic_batches(
@@ -58,7 +66,7 @@ def synthetic_batches(
     global_size = batch_size * accumulation * world_size
     step = start_step
     while True:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(mix_seed(seed, step))
         batch = synthetic_clip_batch(generator, global_size, num_classes, num_frames, channels, size)
         for a in range(accumulation):
             start = (a * world_size + rank) * batch_size
@@ -74,11 +82,22 @@ class SyntheticStream:
     ``state_dict()`` is the position (optimizer step and micro-batch within it), the same on every rank, so
     a resumed stream continues exactly, under any rank layout when saved at a step boundary."""
 
+    facts = None  # no dataset index behind it (a ``BatchSource``: see ``data_pipeline.sources``)
+
     def __init__(
-        self, seed: int, batch_size: int, num_classes: int, num_frames: int, channels: int, size: int,
-        rank: int = 0, world_size: int = 1, accumulation: int = 1,
-    ) -> None:  # fmt: skip
+        self,
+        seed: int,
+        batch_size: int,
+        num_classes: int,
+        num_frames: int,
+        channels: int,
+        size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accumulation: int = 1,
+    ) -> None:
         self.args = (seed, batch_size, num_classes, num_frames, channels, size)
+        self.batch_keys = synthetic_keys(num_classes)
         self.layout = {"rank": rank, "world_size": world_size, "accumulation": accumulation}
         self.seed, self.accumulation = seed, accumulation
         self.taken = 0  # micro-batches handed out

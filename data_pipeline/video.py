@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline import storage
+from latte.errors import first_line
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv")
 
@@ -43,12 +44,6 @@ class InputError(ValueError):
 
 class VideoError(ValueError):
     """A video that cannot give a clip; the message is a one-line reason (it goes into the index)."""
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line: its message's first line, or its type's name if it has no message."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,7 +63,7 @@ def _manifest_rows(src: str) -> list[tuple[str, str | None]]:
     try:
         text = storage.read_bytes(src).decode("utf-8")
     except (storage.StorageError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the manifest '{src}': {one_line(exc)}") from None
+        raise InputError(f"cannot read the manifest '{src}': {first_line(exc)}") from None
     rows: list[tuple[str, str | None]] = []
     if src.lower().endswith(".jsonl"):
         for number, line in enumerate(text.splitlines(), 1):
@@ -274,7 +269,7 @@ def read_clips(source: str, spec: ClipSpec, threads: int = 1) -> VideoClips:
             interval, windows = plan_windows(total, spec)
             frames, decoded, fps = decode_frames(data, {i for w in windows for i in w}, threads)
     except (av.error.FFmpegError, storage.StorageError, OSError) as exc:
-        raise VideoError(f"{type(exc).__name__}: {one_line(exc)}") from None
+        raise VideoError(f"{type(exc).__name__}: {first_line(exc)}") from None
     height, width = next(iter(frames.values())).shape[:2]
     if any(f.shape[:2] != (height, width) for f in frames.values()):
         raise VideoError("the frame size changes within the video")
@@ -308,7 +303,7 @@ class ClipDataset(torch.utils.data.Dataset):
         except VideoError as exc:
             error = str(exc)
         except Exception as exc:  # a decoder surprise in one video must never stop the job
-            error = f"{type(exc).__name__}: {one_line(exc)}"
+            error = f"{type(exc).__name__}: {first_line(exc)}"
         return {"input": video, "clips": clips, "error": error}
 
 

@@ -28,13 +28,15 @@ import shutil
 import subprocess
 import sys
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from latte.config import Config, ConfigError, flatten, resolve_saved
+from latte.files import atomic_write
 from latte.rendezvous import control_group
 from latte.run_lock import LockError, RunLock
 
@@ -269,13 +271,6 @@ def shape_mismatch(saved: Config, current: Config) -> str | None:
     return None
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, then rename onto ``path``: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -318,6 +313,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores, as one value passed to ``save``/``load``.
+
+    ``engine``: DeepSpeed (module, optimizer + fp32 masters, LR schedule, loss scale; its own files);
+    ``ema``: the sharded EMA; ``data``: the batch stream (its position). A new per-rank state goes into
+    ``extra`` under a name: it is saved in every rank's file and restored when a checkpoint has it (one
+    written before it existed leaves it as built). The RNG states are always saved."""
+
+    engine: Any
+    ema: Any
+    data: Any
+    extra: dict[str, Stateful] = field(default_factory=dict)
+
+
+def dataset_record(cfg: Config, data) -> dict[str, Any] | None:
+    """What the latents were made with, recorded in every checkpoint (sampling divides by this factor)."""
+    facts = getattr(data, "facts", None)  # the dataset index's facts; None for synthetic data
+    if facts is None:
+        return None
+    return {"index": cfg.data.index, "vae": facts.vae, "scaling_factor": facts.scaling_factor}
+
+
 class CheckpointManager:
     """Save / find / load / prune for one rank; every rank makes the same calls (they are collectives)."""
 
@@ -325,9 +349,17 @@ class CheckpointManager:
         self.cfg, self.world = cfg, world
         self.dir = ckpt_dir_for(cfg)
         self.saved_meta: dict[str, Any] | None = None  # meta.json of the checkpoint find() chose
-        self.run_dir: Path | None = None  # the run directory (rank 0), recorded so a resume continues in it
-        self.dataset: dict[str, Any] | None = None  # what the run trained on (recorded for sampling)
         self.lock = RunLock(self.dir) if world.is_main else None  # one run per checkpoint directory
+
+    @property
+    def resumed_run_dir(self) -> str | None:
+        """The run directory (a name under results_dir) the checkpoint to resume from was written from."""
+        return (self.saved_meta or {}).get("run_dir")
+
+    def due(self, done: int) -> bool:
+        """Whether to save after ``done`` steps: every ``train.ckpt_every``, and the last step."""
+        t = self.cfg.train
+        return done % t.ckpt_every == 0 or done == t.max_steps
 
     @property
     def saved_world_size(self) -> int | None:
@@ -395,9 +427,10 @@ class CheckpointManager:
             make_universal(path)  # rank 0 converts once; the others wait in the broadcast
         return path
 
-    def load(self, path: Path, engine, ema, data) -> int:
-        """Restore engine (module, optimizer, LR scheduler, loss scaler), EMA, RNG and data position from
-        ``path``; returns the step to continue from."""
+    def load(self, path: Path, state: TrainState) -> int:
+        """Restore engine (module, optimizer, LR scheduler, loss scaler), EMA, RNG, data position and the
+        extra states from ``path``; returns the step to continue from."""
+        engine, ema, data = state.engine, state.ema, state.data
         ds_tag = universal_dir(path).name if self.reshard else path.name
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=ds_tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)  # fmt: skip
@@ -406,16 +439,19 @@ class CheckpointManager:
         ema.refresh_masters()  # the EMA reads the master weights through views: look them up again
         # another world size: RNG of rank r % saved ranks; the data state is the same in every rank's file
         source = self.world.rank % self.saved_world_size
-        state = torch.load(path / f"rank_{source:05d}.pt", map_location="cpu", weights_only=False)
+        own = torch.load(path / f"rank_{source:05d}.pt", map_location="cpu", weights_only=False)
         if self.reshard:
             ema.load_consolidated(torch.load(path / EMA_FULL, map_location="cpu", weights_only=True))
         else:
-            ema.load_state_dict(state["ema"])
+            ema.load_state_dict(own["ema"])
         try:
-            data.load_state_dict(state["data"])
+            data.load_state_dict(own["data"])
         except (ValueError, RuntimeError) as exc:  # e.g. another dataset (the loader's one-line errors)
             raise CheckpointError(f"checkpoint {path.name}: {exc}") from None
-        set_rng_state(state["rng"])
+        for name, obj in state.extra.items():
+            if name in own:  # a checkpoint written before this state existed: it stays as built
+                obj.load_state_dict(own[name])
+        set_rng_state(own["rng"])
         step = int(self.saved_meta["step"])
         from latte.engine import apply_optimizer_config
 
@@ -424,14 +460,15 @@ class CheckpointManager:
         self._say(f"resumed from {path} at step {step}{how}")
         return step
 
-    def save(self, step: int, engine, ema, data) -> Path:
+    def save(self, step: int, state: TrainState, run_dir: Path | None = None) -> Path:
         """Write checkpoint ``step`` (every rank its part), mark it complete, point ``latest`` at it and
-        prune. RNG-neutral: the global RNG states are as before the call, saved or not. A full disk is a
+        prune; ``run_dir`` (rank 0's run directory) is recorded, so a resumed run continues in it.
+        RNG-neutral: the global RNG states are as before the call, saved or not. A full disk is a
         ``SaveError`` naming the directory, what is left, and what to do; nothing earlier is touched."""
         rng = rng_state()
         step_dir = self.dir / tag_for(step)
         try:
-            self._write(step, step_dir, engine, ema, data, rng)
+            self._write(step, step_dir, state, run_dir, rng)
         except (OSError, RuntimeError) as exc:
             if not disk_full_error(exc, self.dir):
                 raise
@@ -441,7 +478,8 @@ class CheckpointManager:
             set_rng_state(rng)
         return step_dir
 
-    def _write(self, step: int, step_dir: Path, engine, ema, data, rng: dict[str, Any]) -> None:
+    def _write(self, step: int, step_dir: Path, state: TrainState, run_dir: Path | None, rng: dict) -> None:
+        engine, ema, data = state.engine, state.ema, state.data
         if self.world.is_main:  # a leftover of an interrupted run (or of a run started with resume none)
             if step_dir.exists():
                 (step_dir / MARKER).unlink(missing_ok=True)
@@ -452,6 +490,7 @@ class CheckpointManager:
             str(self.dir), tag=step_dir.name, client_state={"step": step}, save_latest=False
         )
         own = {"ema": ema.state_dict(), "rng": rng, "data": data.state_dict(), "step": step}
+        own.update({name: obj.state_dict() for name, obj in state.extra.items()})
         atomic_write(step_dir / f"rank_{self.world.rank:05d}.pt", lambda tmp: torch.save(own, tmp))
         full_ema = ema.consolidate()  # a collective: the copy export and world-size changes read
         if self.world.is_main:
@@ -465,8 +504,8 @@ class CheckpointManager:
                 "zero_stage": t.zero_stage,
                 "precision": t.precision,
                 "config_hash": self.cfg.hash(),
-                "run_dir": self.run_dir.name if self.run_dir else None,
-                "dataset": self.dataset,  # the VAE and scaling factor the latents were made with
+                "run_dir": run_dir.name if run_dir else None,
+                "dataset": dataset_record(self.cfg, data),  # the VAE and scaling factor of the latents
                 "config": self.cfg.to_dict(),
             }  # fmt: skip
             _write_text(step_dir / META, json.dumps(meta, indent=1))

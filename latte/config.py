@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from latte.errors import first_line
+from latte.files import atomic_write
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLERS = ("ddpm", "ddim")
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
@@ -156,10 +159,7 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML atomically (temp name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(self.to_yaml()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     return config_from_dict(data, overrides)
@@ -444,7 +444,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_sample(cfg: Config) -> None:
-    s, classes = cfg.sample, cfg.model.num_classes
+    s = cfg.sample
     if s.sampler:
         _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.precision", s.precision, PRECISIONS)
@@ -458,20 +458,14 @@ def _validate_sample(cfg: Config) -> None:
         raise ConfigError(f"sample.overlap must be in [1, data.num_frames {frames}), got {s.overlap}")
     if s.total_frames > frames and frames < 2:
         raise ConfigError(f"sample.total_frames {s.total_frames} needs clips of >= 2 frames to overlap")
-    if s.classes and not classes:
-        raise ConfigError("sample.classes given, but the model is unconditional (model.num_classes 0)")
-    for c in s.classes:
-        if not 0 <= c < classes:
-            raise ConfigError(f"class {c} is out of range: the model has {classes} classes, 0..{classes - 1}")
     if s.cfg_scale < 0:
         raise ConfigError(f"sample.cfg_scale must be >= 0, got {s.cfg_scale}")
-    if s.cfg_scale != 1.0 and not classes:
-        raise ConfigError("sample.cfg_scale guides class-conditional models; model.num_classes is 0")
-    if s.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
-        raise ConfigError(
-            "sample.cfg_scale needs the 'no class' label, which a model trained with "
-            "model.class_dropout_prob 0 does not have"
-        )
+    from latte.conditioning import RequestError, conditioning_of
+
+    try:  # what the request may ask of the model's conditioning (class ids, guidance)
+        conditioning_of(cfg.model).check_request(s)
+    except RequestError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def sampler_of(cfg: Config) -> str:

@@ -83,12 +83,14 @@ class ShardedEMA:
     """EMA of the trainable parameters of ``model`` (an nn.Module or a DeepSpeed engine), sharded like
     the optimizer's fp32 master weights and kept where they live (the GPU, or the host with offload)."""
 
-    def __init__(self, model, decay: float, frozen: dict[str, Tensor] | None = None) -> None:
-        """``frozen``: fp32 values of the frozen parameters, taken before a bf16/fp16 engine cast them (the
-        EMA reports these, e.g. the exact sin-cos tables); by default they are read from the model."""
+    def __init__(self, model, decay: float, fixed: dict[str, Tensor] | None = None) -> None:
+        """``decay``: the config's (``train.ema_decay``; a checkpoint's saved value is not restored).
+        ``fixed``: fp32 values of the fixed tables (the sin-cos positions), taken before a bf16/fp16 engine
+        cast them; the EMA reports these exactly. Every other frozen parameter (e.g. a frozen base model
+        under LoRA) is read from the model at consolidation, never copied here."""
         self.model = model
         self.decay = decay
-        self.frozen = {k: v.detach().float().cpu().clone() for k, v in (frozen or {}).items()}
+        self.fixed = {k: v.detach().float().cpu().clone() for k, v in (fixed or {}).items()}
         self.shards: list[_Shard] = []
         for name, param in _module_of(model).named_parameters():
             kind = _kind(param) if param.requires_grad else None
@@ -138,8 +140,8 @@ class ShardedEMA:
                 out[name] = _gather_fragments(param, shard, dist)
             elif kind == "full":
                 out[name] = shard.ema.detach().cpu().clone()
-            elif name in self.frozen:  # frozen, fp32 as given (fixed sin-cos tables)
-                out[name] = self.frozen[name].clone()
+            elif name in self.fixed:  # frozen, fp32 as given (fixed sin-cos tables)
+                out[name] = self.fixed[name].clone()
             else:  # frozen: the model's own value
                 out[name] = _full_param(param).float().cpu().clone()
         for name, buf in _persistent_buffers(module):  # as in the state dict (not e.g. cached frequencies)
@@ -164,7 +166,7 @@ class ShardedEMA:
             shard.ema.copy_(part.view_as(shard.ema).to(shard.ema.device))
 
     def state_dict(self) -> dict[str, object]:
-        """This rank's shards (to be saved per rank beside the engine state)."""
+        """This rank's shards (to be saved per rank beside the engine state), and the decay it ran with."""
         return {"decay": self.decay, "shards": {s.name: s.ema for s in self.shards}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -176,8 +178,7 @@ class ShardedEMA:
             if shards[s.name].shape != s.ema.shape:
                 raise ValueError(f"EMA shard '{s.name}' has shape {tuple(shards[s.name].shape)}, "
                                  f"expected {tuple(s.ema.shape)}")  # fmt: skip
-            s.ema.copy_(shards[s.name])
-        self.decay = float(state["decay"])
+            s.ema.copy_(shards[s.name])  # the decay stays the config's (the saved one is informational)
 
 
 def _persistent_buffers(module: nn.Module):

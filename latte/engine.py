@@ -1,8 +1,8 @@
 """The one place that builds the DeepSpeed engine, and the distributed set-up it needs.
 
-* ``setup_distributed()`` finds the rank layout (``latte.rendezvous``: torchrun/deepspeed variables, else
-  SLURM's), picks the accelerator (CUDA + NCCL on GPU ``local_rank % visible GPUs``, else CPU + gloo), sets
-  TF32/determinism, and initialises the process group and the gloo control group.
+* ``setup_distributed()`` finds the rank layout (``latte.rendezvous.world_from_env``: torchrun/deepspeed
+  variables, else SLURM's), picks the accelerator (CUDA + NCCL on GPU ``local_rank % visible GPUs``, else
+  CPU + gloo), sets TF32/determinism, and initialises the process group and the gloo control group.
 * ``deepspeed_config(cfg, world)`` loads the user-tunable JSON from ``ds_configs/`` and fills in what our
   config owns (batch sizes, accumulation, precision, clipping), asserting global = micro x accum x dp.
 * ``build_engine(cfg, model, world)`` wraps the model: activation checkpointing -> ``deepspeed.initialize``.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +21,10 @@ import torch
 
 import latte.models.attention as attention_kernels
 from latte.config import ZERO_STAGES, Config, ConfigError
-from latte.rendezvous import control_group, cuda_device_index, free_port, rendezvous_env
+from latte.rendezvous import World, control_group, world_from_env
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 ZERO_PRESETS = dict(zip(ZERO_STAGES, ("zero2.json", "zero3.json", "zero3_offload.json"), strict=True))
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _disable_cpu_shm_build() -> None:
@@ -54,25 +41,21 @@ def setup_distributed(cfg: Config | None = None) -> World:
     On CUDA, ``cfg`` sets TF32 and determinism (``train.tf32``, ``train.deterministic``) before any kernel."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`
-    os.environ.update(rendezvous_env())
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one, no launcher
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    place = world_from_env(alone_env=True)  # GPU local_rank % visible: one GPU per task shows each device 0
     import deepspeed
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        index = cuda_device_index(local_rank)  # one GPU per task (cgroups) shows every rank device 0
-        torch.cuda.set_device(index)
-        device, backend = torch.device("cuda", index), "nccl"
+    if place.device.type == "cuda":
+        torch.cuda.set_device(place.device)
+        backend = "nccl"
         if cfg is not None:
             configure_cuda_numerics(cfg.train.tf32, cfg.train.deterministic)
     else:
         _disable_cpu_shm_build()
-        device, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     control_group()  # made now, by every rank at once (it is a collective)
-    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+    dist = torch.distributed
+    return World(dist.get_rank(), dist.get_world_size(), place.local_rank, place.device)
 
 
 def configure_cuda_numerics(tf32: bool, deterministic: bool) -> None:

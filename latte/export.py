@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from latte import checkpoint as ckpt
+from latte.files import atomic_write
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
@@ -34,7 +35,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, step: int | None =
         weights["model"] = {k: v.float().contiguous() for k, v in ckpt.consolidated_model(step_dir).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".pt":
-        ckpt.atomic_write(out, lambda tmp: torch.save(weights, tmp))
+        atomic_write(out, lambda tmp: torch.save(weights, tmp))
     else:
         from safetensors.torch import save_file
 
@@ -43,7 +44,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, step: int | None =
         info = {"step": str(meta["step"]), "config_hash": meta["config_hash"],
                 "model": meta["config"]["model"]["name"]}  # fmt: skip
         flat = weights["ema"] if ema_only else flat
-        ckpt.atomic_write(out, lambda tmp: save_file(flat, str(tmp), metadata=info))
+        atomic_write(out, lambda tmp: save_file(flat, str(tmp), metadata=info))
     return step_dir
 
 

@@ -7,11 +7,14 @@ device name, and ``MetricsLogger`` logging ``flops x samples/s / peak`` with the
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from latte.config import Config, resolved_arch
 from latte.models.flavors import LatteArch
 
 
@@ -93,17 +96,78 @@ def peak_flops(device: torch.device, precision: str, tf32: bool = True) -> tuple
 
 
 class MetricsLogger:
-    """Console lines on rank 0 and TensorBoard scalars under ``run_dir/tensorboard`` (rank 0 only)."""
+    """The training run's metrics: whose turn it is (``should_log``), the rates of the interval since the
+    last log (samples/s, tokens/s, TFLOP/s per device, MFU, data wait, peak memory), console lines on rank 0
+    and TensorBoard scalars under ``run_dir/tensorboard`` (rank 0 only).
 
-    def __init__(self, run_dir: Path | None, enabled: bool) -> None:
+    ``cfg``/``world_size``/``device`` give the rates; without them (``MetricsLogger(run_dir, enabled)``) it
+    only writes what it is given."""
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        enabled: bool,
+        cfg: Config | None = None,
+        world_size: int = 1,
+        device: torch.device | None = None,
+    ) -> None:
         self.enabled = enabled
         self.writer = None
         if enabled and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.device = device or torch.device("cpu")
+        self.log_every, self.max_steps = (cfg.train.log_every, cfg.train.max_steps) if cfg else (1, None)
+        self.global_batch = self.flops = self.peak = None
+        self.device_name, self.world_size = "cpu", world_size
+        if cfg is not None:
+            t, d, m = cfg.train, cfg.data, cfg.model
+            arch = resolved_arch(cfg)
+            self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+            self.flops = flops_per_sample(arch, d.num_frames, d.latent_size, m.in_channels, m.learn_sigma)
+            self.tokens_per_sample = d.num_frames * (d.latent_size // arch.patch_size) ** 2
+            self.peak, self.device_name = peak_flops(self.device, t.precision, tf32=t.tf32)
+        self.start(0)
 
-    def log(self, step: int, values: dict[str, float]) -> None:
+    def start(self, step: int) -> None:
+        """A new interval begins after ``step`` (at the start and after every log)."""
+        self.interval_start, self.t0, self.data_wait = step, time.perf_counter(), 0.0
+
+    def should_log(self, done: int) -> bool:
+        """Whether to log after ``done`` steps: every ``train.log_every``, and the last step."""
+        return done % self.log_every == 0 or done == self.max_steps
+
+    @contextmanager
+    def waiting_for_data(self):
+        """Time spent inside counts as data wait (the loader could not keep up)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_wait += time.perf_counter() - start
+
+    def rates(self, done: int) -> dict[str, float | None]:
+        """Throughput of the steps since the interval started, up to ``done``."""
+        elapsed = time.perf_counter() - self.t0
+        samples_per_s = (done - self.interval_start) * self.global_batch / elapsed
+        tflops = self.flops.training * samples_per_s / self.world_size  # per device
+        return {
+            "perf/samples_per_s": samples_per_s,
+            "perf/tokens_per_s": samples_per_s * self.tokens_per_sample,
+            "perf/tflops_per_device": tflops / 1e12,
+            "perf/mfu": tflops / self.peak if self.peak else None,
+            "perf/data_wait": self.data_wait / elapsed,
+            "perf/peak_mem_gb": peak_memory_gb(self.device),
+        }
+
+    def log_step(self, done: int, values: dict[str, float | None]) -> None:
+        """Log ``values`` (the loss, grad norm, lr) and the interval's rates after ``done`` steps; start the
+        next interval."""
+        self.log(done, {**values, **self.rates(done)})
+        self.start(done)
+
+    def log(self, step: int, values: dict[str, float | None]) -> None:
         if not self.enabled:
             return
         if self.writer is not None:
@@ -115,6 +179,15 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, else the host RSS peak."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (host RSS)
 
 
 def _fmt(key: str, value: float | None) -> str:

@@ -1,10 +1,14 @@
 """Where this process sits among the ranks, which GPU it drives, and the CPU group the ranks agree over.
 
+* ``world_from_env()``: this process's ``World`` (rank, world size, local rank, device) from the launcher's
+  variables or SLURM's, a world of one without either; training (``latte.engine.setup_distributed``) and
+  sampling both start from it.
 * ``rendezvous_env()``: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM's variables when no
   launcher (torchrun, deepspeed) set them: ``srun python train.py``.
-* ``cuda_device_index(local_rank)``: the GPU of a rank, ``local_rank % visible GPUs``. Sites that bind one GPU
-  per task (``--gpus-per-task=1``, cgroups) show every rank a single device 0, so ``set_device(local_rank)``
-  would fail on ranks >= 1 with "invalid device ordinal".
+* ``cuda_device_index(local_rank)`` / ``local_device(local_rank)``: the GPU of a rank, ``local_rank %
+  visible GPUs``. Sites that bind one GPU per task (``--gpus-per-task=1``, cgroups) show every rank a single
+  device 0, so ``set_device(local_rank)`` would fail on ranks >= 1 with "invalid device ordinal".
+* ``free_port()``: a free TCP port on this host (a world of one's MASTER_PORT; tests and the demo).
 * ``control_group()``: a gloo group for the few host-side agreements of a run (the stop flag, the checkpoint
   manager's decisions). Gloo runs on the CPU, so agreeing never syncs a GPU; its timeout is long because
   rank 0 may spend a long time inside such an agreement (converting a checkpoint for another world size on a
@@ -23,11 +27,26 @@ import re
 import shutil
 import socket
 import subprocess
+from dataclasses import dataclass
 
 import torch
 
 CONTROL_TIMEOUT = datetime.timedelta(days=7)
 _control: tuple[object, object] | None = None  # (the world group it was made in, the gloo group)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks and the device it drives."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def first_host(nodelist: str) -> str:
@@ -71,7 +90,22 @@ def rendezvous_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def world_from_env(alone_env: bool = False) -> World:
+    """This process's ``World`` from torchrun's/deepspeed's variables, else SLURM's (added to ``os.environ``
+    for an env:// rendezvous); a world of one without either. ``alone_env``: a world of one also gets the
+    variables a process group of one is initialised from (RANK 0, WORLD_SIZE 1, a free MASTER_PORT)."""
+    os.environ.update(rendezvous_env())
+    if "RANK" not in os.environ:  # plain `python train.py`: a world of one, no launcher
+        if not alone_env:
+            return World(0, 1, 0, local_device(0))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, local_device(local_rank))
+
+
 def free_port() -> int:
+    """A TCP port that is free on this host now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -84,6 +118,14 @@ def cuda_device_index(local_rank: int, device_count: int | None = None) -> int:
     if count < 1:
         raise RuntimeError("no CUDA device is visible to this process")
     return local_rank % count
+
+
+def local_device(local_rank: int) -> torch.device:
+    """The device of the rank with ``local_rank``: its GPU (``cuda_device_index``) when CUDA is available,
+    else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", cuda_device_index(local_rank))
+    return torch.device("cpu")
 
 
 def control_group():

@@ -27,16 +27,20 @@ import numpy as np
 import torch
 
 from latte.builders import attention_line, build_diffusion, build_model
-from latte.checkpoint import atomic_write
+from latte.conditioning import conditioning_of
 from latte.config import Config, ConfigError, sampler_of
 from latte.engine import configure_cuda_numerics
+from latte.errors import first_line
+from latte.files import atomic_write
 from latte.models import Latte
+from latte.precision import DTYPES
+from latte.rendezvous import world_from_env
 from latte.sampling import decoding, media
-from latte.sampling.generate import class_of, rank_samples, steps_per_batch, total_frames
+from latte.sampling.generate import rank_samples, steps_per_batch, total_frames
 from latte.sampling.progress import Progress
-from latte.sampling.ranks import batches_of, end_group, gather_to_main, ranks_from_env, start_group
+from latte.sampling.ranks import batches_of, end_group, gather_to_main, start_group
 from latte.sampling.weights import WEIGHTS, check_fits, load_source
-from latte.vae import DTYPES, VaeError, decode, load_autoencoder
+from latte.vae import VaeError, decode, load_autoencoder
 
 FLAGS = {  # flag -> the config key it sets
     "num_samples": "sample.num_samples",
@@ -114,6 +118,32 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, C
     return model.to(device).eval().requires_grad_(False), cfg, source.description, source.dataset
 
 
+def index_facts(url: str) -> decoding.IndexFacts:
+    """The facts of the dataset index at ``url`` (a dataset root or its index.json), read by the dataset's
+    one reader, ``data_pipeline.index``; never raises (sampling can go on without them)."""
+    from data_pipeline.index import index_url_for, load_index  # only with a dataset: no import otherwise
+
+    url = index_url_for(url)
+    try:
+        return decoding.IndexFacts(url, load_index(url).facts)
+    except Exception as exc:  # DatasetIndexError (unreadable, not JSON, malformed): reported, then fallbacks
+        return decoding.IndexFacts(url, None, _index_problem(exc))
+
+
+def _index_problem(exc: BaseException) -> str:
+    """``Type: line``: the failure underneath (FileNotFoundError, ClientError, JSONDecodeError, KeyError...)
+    and the one line the index reader gave."""
+    root = exc
+    while root.__context__ is not None:  # each reader raises its one-line error from the one it caught
+        root = root.__context__
+    return f"{type(root).__name__}: {first_line(exc)}"
+
+
+def dataset_facts(cfg: Config) -> decoding.IndexFacts | None:
+    """The facts of the config's dataset (``data.index``), or None for synthetic data."""
+    return index_facts(cfg.data.index) if cfg.data.index else None
+
+
 @dataclass
 class Decoder:
     """The VAE and the factor sampled latents are divided by, with where each came from."""
@@ -132,7 +162,7 @@ def load_decoder(
     args: argparse.Namespace, cfg: Config, device: torch.device, recorded: dict | None
 ) -> Decoder:
     """The VAE (--vae, else the dataset's) and the scaling factor its input is divided by."""
-    facts = decoding.dataset_facts(cfg)
+    facts = dataset_facts(cfg)
     vae_id, vae_from = decoding.choose_vae(args.vae, facts, recorded)
     vae, _ = load_autoencoder(vae_id, device, cfg.sample.precision if device.type == "cuda" else "fp32")
     if vae.config.latent_channels != cfg.model.in_channels:
@@ -157,7 +187,7 @@ def check_out_dir(out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_out_dir(Path(args.out))
-    ranks = ranks_from_env()
+    ranks = world_from_env()
     device = ranks.device
     say = print if ranks.is_main else (lambda *a, **k: None)
     model, cfg, weights, recorded = load_model(args, device)
@@ -204,10 +234,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_manifest(out: Path, args: argparse.Namespace, cfg: Config, weights: str, decoder: Decoder) -> None:
     """samples.json: what was sampled, from which weights, how; enough to reproduce any one sample."""
+    conditioning = conditioning_of(cfg.model)
     manifest = {
         "weights": weights, "config": cfg.to_dict(), "config_hash": cfg.hash(), "sampler": sampler_of(cfg),
         "vae": decoder.vae_id, "scaling_factor": decoder.factor, "scaling_factor_from": decoder.factor_from,
-        "samples": [{"index": i, "class": class_of(cfg, i), "video": f"sample_{i:04d}.mp4",
+        "samples": [{"index": i, **conditioning.describe(cfg.sample, i), "video": f"sample_{i:04d}.mp4",
                      "latents": f"sample_{i:04d}.npy" if args.save_latents else None}
                     for i in range(cfg.sample.num_samples)],
     }  # fmt: skip

@@ -34,6 +34,14 @@ def sample_seed(seed: int, step: int, index: int) -> int:
     return _splitmix64(h ^ (index & _MASK64)) >> 1
 
 
+def mix_seed(seed: int, k: int) -> int:
+    """The seed of stream ``k`` of a run seeded ``seed`` (sample ``k``'s noise in sampling, epoch ``k``'s
+    shuffle and step ``k``'s synthetic batch in the data pipeline): ``seed * 1_000_003 + k``. Unlike
+    ``sample_seed`` it is plain arithmetic, kept because the streams it seeds are part of reproducible
+    outputs (sampled videos, shuffle orders)."""
+    return seed * 1_000_003 + k
+
+
 def batch_indices(step_micro: int, rank: int, world_size: int, micro: int) -> range:
     """The global-batch indices of micro-batch ``step_micro`` (0 .. accumulation - 1) on ``rank``."""
     start = (step_micro * world_size + rank) * micro

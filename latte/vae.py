@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from latte.errors import first_line
+from latte.precision import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 class VaeError(RuntimeError):
@@ -54,8 +55,7 @@ def load_autoencoder(
             vae_id, subfolder=_subfolder(vae_id, subfolder), torch_dtype=torch_dtype, low_cpu_mem_usage=False
         )
     except Exception as exc:  # diffusers/hub raise OSError, ValueError, HTTP errors...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VaeError(f"cannot load the VAE '{vae_id}': {reason}") from None
+        raise VaeError(f"cannot load the VAE '{vae_id}': {first_line(exc)}") from None
     if torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         log.warning("VAE %s asks for fp32 (force_upcast: it overflows in fp16); running it in fp32", vae_id)
         torch_dtype = torch.float32

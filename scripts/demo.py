@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -92,12 +91,6 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> str:
     return text
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop_left_over(data_dir: Path) -> None:
     """Stop the S3 server an earlier demo into the same ``--out`` left running on ``data_dir`` (one killed
     with SIGKILL cannot stop it): it holds the data's lock, on which a new server exits with code 255."""
@@ -136,6 +129,8 @@ def local_s3(out: Path) -> Iterator[dict[str, str]]:
 def train_stage(args, env: dict[str, str], index: str, out: Path, steps: int, resume: str, log: Path) -> str:
     """``deepspeed train.py`` on every GPU, or 2 CPU gloo ranks; returns its log."""
     import torch
+
+    from latte.rendezvous import free_port
 
     ranks = torch.cuda.device_count() or 2
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),

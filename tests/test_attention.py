@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from latte.models.attention import BACKENDS, Attention, CrossAttention, attention, resolve_backend
+from latte.models.attention import BACKENDS, Attention, attention, resolve_backend
 
 # `latte.models` re-exports the function `attention`, which shadows the submodule of the same name as an
 # attribute (`from latte.models import attention` gives the function): fetch the module itself.
@@ -180,27 +180,24 @@ def test_masked_keys_do_not_matter(backend: str) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _modules(backend: str) -> tuple[Attention, CrossAttention]:
+def _module(backend: str) -> Attention:
     torch.manual_seed(0)
-    return Attention(32, num_heads=4, backend=backend), CrossAttention(32, 24, num_heads=4, backend=backend)
+    return Attention(32, num_heads=4, backend=backend)
 
 
 def _module_inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return {
         "x": torch.randn(2, 6, 32, generator=g),  # (B, N, C)
-        "context": torch.randn(2, 5, 24, generator=g),  # (B, M, Cc)
         "mask": _random_mask(2, 6),
-        "context_mask": _random_mask(2, 5, seed=4),
     }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_modules_agree_across_backends(backend: str) -> None:
-    ref_self, ref_cross = _modules("math")
-    self_attn, cross_attn = _modules(backend)
+    ref_self = _module("math")
+    self_attn = _module(backend)
     self_attn.load_state_dict(ref_self.state_dict())
-    cross_attn.load_state_dict(ref_cross.state_dict())
     inp = _module_inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flash"/"xformers" fall back to sdpa on CPU, with a warning
@@ -208,10 +205,6 @@ def test_modules_agree_across_backends(backend: str) -> None:
             out = self_attn(inp["x"], mask)
             assert out.shape == (2, 6, 32)
             assert _rel_err(out, ref_self(inp["x"], mask)) <= FP32_TOL
-        for mask in (None, inp["context_mask"]):
-            out = cross_attn(inp["x"], inp["context"], mask)
-            assert out.shape == (2, 6, 32)
-            assert _rel_err(out, ref_cross(inp["x"], inp["context"], mask)) <= FP32_TOL
 
 
 @pytest.mark.parametrize(
@@ -226,12 +219,10 @@ def test_modules_agree_across_backends(backend: str) -> None:
     ids=["short", "batch", "float", "long", "rank3"],
 )
 def test_bad_mask_raises(bad) -> None:
-    self_attn, cross_attn = _modules("sdpa")
+    self_attn = _module("sdpa")
     inp = _module_inputs()
     with pytest.raises(ValueError, match="key_padding_mask"):
         self_attn(inp["x"], bad(inp["mask"]))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        cross_attn(inp["x"], inp["context"], bad(inp["context_mask"]))
     q, k, v = _qkv(b=2, nq=6)
     with pytest.raises(ValueError, match="key_padding_mask"):
         attention(q, k, v, bad(inp["mask"]), "math")
@@ -246,10 +237,6 @@ def test_unknown_backend_names_the_choices() -> None:
         resolve_backend("nope", q)
     with pytest.raises(ValueError, match=names):
         Attention(32, num_heads=4, backend="nope")
-    # CrossAttention does not validate in __init__; it must fail at the latest on its first forward.
-    inp = _module_inputs()
-    with pytest.raises(ValueError, match=names):
-        CrossAttention(32, 24, num_heads=4, backend="nope")(inp["x"], inp["context"])
 
 
 def test_auto_on_cpu_is_sdpa_without_warning() -> None:
@@ -264,8 +251,8 @@ def test_explicit_flash_on_cpu_warns_and_equals_sdpa() -> None:
     # The fallback warning is emitted once per process (functools.cache); reset it so this test sees it
     # whatever ran before.
     getattr(attn_mod._warn_fallback, "cache_clear", lambda: None)()
-    ref_self, _ = _modules("sdpa")
-    flash_self, _ = _modules("flash")
+    ref_self = _module("sdpa")
+    flash_self = _module("flash")
     flash_self.load_state_dict(ref_self.state_dict())
     inp = _module_inputs()
     with pytest.warns(UserWarning, match="'flash'.*'sdpa'"):

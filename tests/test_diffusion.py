@@ -246,6 +246,7 @@ def test_wrapped_model_receives_original_timesteps():
 
 def test_training_losses_shapes_and_keys():
     d = create_diffusion("")
+    assert d.loss_type == LossType.MSE and d.model_var_type == ModelVarType.LEARNED_RANGE
     x0 = torch.randn(SHAPE)
     terms = d.training_losses(fake_model, x0, torch.tensor([0, 999]))
     assert set(terms) == {"loss", "mse", "vb"}
@@ -284,9 +285,6 @@ def test_vb_trains_only_variance_channels():
 def test_fixed_variance_has_no_vb():
     d = create_diffusion("", learn_sigma=False)
     assert d.model_var_type == ModelVarType.FIXED_LARGE
-    assert (
-        create_diffusion("", learn_sigma=False, sigma_small=True).model_var_type == ModelVarType.FIXED_SMALL
-    )
     terms = d.training_losses(fake_model_fixed_var, torch.randn(SHAPE), torch.tensor([1, 2]))
     assert set(terms) == {"loss", "mse"} and torch.equal(terms["loss"], terms["mse"])
     with pytest.raises(AssertionError):  # a 2C output is wrong for a fixed-variance diffusion
@@ -297,26 +295,6 @@ def test_learned_variance_shape_is_asserted():
     d = create_diffusion("")
     with pytest.raises(AssertionError):
         d.training_losses(fake_model_fixed_var, torch.randn(SHAPE), torch.tensor([1, 2]))
-
-
-@pytest.mark.parametrize("spacing", ["", "100"])
-def test_rescaled_mse_scales_vb(spacing: str):
-    plain = create_diffusion(spacing)
-    rescaled = create_diffusion(spacing, rescale_learned_sigmas=True)
-    assert plain.loss_type == LossType.MSE and rescaled.loss_type == LossType.RESCALED_MSE
-    g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
-    t = torch.tensor([0, 50])
-    vb_plain = plain.training_losses(fake_model, x0, t, noise=noise)["vb"]
-    vb_rescaled = rescaled.training_losses(fake_model, x0, t, noise=noise)["vb"]
-    assert torch.allclose(vb_rescaled, vb_plain * plain.num_timesteps / 1000.0)
-
-
-def test_kl_loss():
-    d = create_diffusion("", use_kl=True)
-    assert d.loss_type == LossType.RESCALED_KL
-    terms = d.training_losses(fake_model, torch.rand(SHAPE) * 2 - 1, torch.tensor([0, 10]))
-    assert set(terms) == {"loss"} and torch.all(terms["loss"] > 0)
 
 
 def test_previous_x_mean_type_recovers_xstart():

@@ -17,21 +17,19 @@ DECAY = 0.9
 def ema_run(zero: str, precision: str, steps: int) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from latte.builders import build_diffusion, build_model
+    from latte.builders import build_model
     from latte.config import load_config
-    from latte.ema import ShardedEMA
-    from latte.engine import build_engine, setup_distributed
+    from latte.engine import setup_distributed
+    from latte.training import build_training, seed_everything
 
     cfg = load_config(REPO / "configs/tiny.yaml", [f"train.zero_stage={zero}", f"train.precision={precision}",
-                                                    "train.micro_batch_size=2"])  # fmt: skip
+                                                    "train.micro_batch_size=2", "train.seed=0",
+                                                    f"train.ema_decay={DECAY}"])  # fmt: skip
     world = setup_distributed()
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    diffusion = build_diffusion(cfg)
-    frozen = {n: p for n, p in initial.items() if not dict(model.named_parameters())[n].requires_grad}
-    engine = build_engine(cfg, model, world)
-    ema = ShardedEMA(engine, DECAY, frozen)
+    seed_everything(cfg.train.seed)  # the weights build_training starts from
+    initial = {n: p.detach().clone() for n, p in build_model(cfg).named_parameters()}
+    training = build_training(cfg, world)
+    engine, ema, diffusion = training.engine, training.ema, training.diffusion
     at_start = ema.consolidate()
     # the EMA reads DeepSpeed's fp32 partitions in place: views into them, no per-step copies
     opt = engine.optimizer
@@ -104,7 +102,25 @@ def test_unsharded_module_ema():
     for name, value in ema.consolidate().items():
         torch.testing.assert_close(value, before[name] + 0.5)
     state = ema.state_dict()
-    other = ShardedEMA(model, 0.5)
+    other = ShardedEMA(model, 0.25)
     other.load_state_dict(state)
     for (name, a), b in zip(other.consolidate().items(), ema.consolidate().values(), strict=True):
         assert torch.equal(a, b), name
+    assert other.decay == 0.25  # the decay is the config's, not the checkpoint's (0.5)
+
+
+def test_only_fixed_tables_are_copied_other_frozen_parameters_are_read_from_the_model():
+    from latte.ema import ShardedEMA
+
+    base, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)  # a frozen base model and a trained head
+    base.requires_grad_(False)
+    table = torch.nn.Parameter(torch.arange(4.0), requires_grad=False)  # a fixed table, e.g. sin-cos
+    model = torch.nn.Sequential(base, head)
+    model.register_parameter("table", table)
+    ema = ShardedEMA(model, 0.5, fixed={"table": table})
+    assert list(ema.fixed) == ["table"]  # the frozen base is not copied (LoRA: a full model on the host)
+    assert [s.name for s in ema.shards] == ["1.weight", "1.bias"]
+    with torch.no_grad():
+        base.weight.add_(1.0)  # what the model holds at consolidation is what the EMA reports
+    full = ema.consolidate()
+    assert torch.equal(full["0.weight"], base.weight) and torch.equal(full["table"], torch.arange(4.0))

@@ -3,11 +3,13 @@ flavour, per-sample draws, TF32/determinism switches (what only a GPU can show: 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from latte.engine import configure_cuda_numerics, fused_adamw, offloads_optimizer
-from latte.rendezvous import cuda_device_index
+from latte.rendezvous import World, cuda_device_index, local_device, world_from_env
 from latte.seeding import TrainingDraws, batch_indices, sample_seed
 
 
@@ -24,6 +26,43 @@ def test_a_rank_drives_local_rank_modulo_the_visible_gpus(local_rank, visible, d
 def test_no_visible_gpu_is_an_error():
     with pytest.raises(RuntimeError, match="no CUDA device"):
         cuda_device_index(0, 0)
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """No launcher's or SLURM's variables, and the environment restored afterwards (the rendezvous adds
+    variables; set them with os.environ, not monkeypatch.setenv, whose undo would run after the restore)."""
+    saved = dict(os.environ)
+    for name in (*LAUNCHER_VARS, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID"):
+        os.environ.pop(name, None)
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_the_world_comes_from_the_launcher_else_slurm_else_is_one_process(no_launcher):
+    """Training and sampling read one layout (latte.rendezvous); its device: the rank's GPU, else the CPU."""
+    cpu = torch.device("cpu")
+    no_launcher.setattr(torch.cuda, "is_available", lambda: False)
+    assert world_from_env() == World(0, 1, 0, cpu) and "RANK" not in os.environ  # sampling
+    no_launcher.setattr(torch.cuda, "is_available", lambda: True)
+    no_launcher.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per task
+    os.environ.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_NODELIST="gpu[03-05]")
+    world = world_from_env()
+    assert world == World(5, 8, 1, torch.device("cuda", 0)) and not world.is_main
+    os.environ.update(RANK="2", WORLD_SIZE="4", LOCAL_RANK="2")  # torchrun's variables win over SLURM's
+    assert world_from_env() == World(2, 4, 2, torch.device("cuda", 0)) == World(2, 4, 2, local_device(2))
+
+
+def test_a_world_of_one_gets_the_variables_of_a_process_group(no_launcher):
+    no_launcher.setattr(torch.cuda, "is_available", lambda: False)
+    world = world_from_env(alone_env=True)  # what setup_distributed starts from
+    assert world == World(0, 1, 0, torch.device("cpu")) and world.is_main
+    assert [os.environ[k] for k in LAUNCHER_VARS[:4]] == ["0", "1", "0", "127.0.0.1"]
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
 
 
 def test_fused_adamw_only_where_the_master_weights_are_on_a_gpu():

@@ -14,6 +14,7 @@ import shutil
 import tarfile
 import threading
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -404,17 +405,23 @@ def test_state_of_another_dataset_is_refused(toy, tmp_path):
         make(str(tmp_path)).load_state_dict(make(toy).state_dict())
 
 
-def test_train_batches_for_streams_the_index(toy, tmp_path):
+def test_open_batches_streams_the_index(toy, tmp_path):
+    from data_pipeline.sources import open_batches
     from latte.config import ConfigError, load_config
-    from latte.engine import World
-    from train import batches_for
 
-    world = World(0, 1, 0, torch.device("cpu"))
+    def batches_for(cfg, world):  # what train.py calls
+        return open_batches(cfg, world.rank, world.world_size, world.device.type)
+
+    world = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     cfg = load_config("configs/tiny.yaml", [f"data.index={toy}", "data.num_workers=0"])
     batch = next(iter(batches_for(cfg, world)))
     assert batch["latent"].shape == (cfg.train.micro_batch_size, 4, 4, 8, 8) and batch["y"].shape == (8,)
-    for override, message in [("data.image_size=128", "shape"), ("model.num_classes=3", "asks for 3"),
-                              ("data.scaling_factor=0.5", "expects 0.5")]:  # fmt: skip
+    mismatches = [
+        ("data.image_size=128", "shape"),
+        ("model.num_classes=3", "asks for 3"),
+        ("data.scaling_factor=0.5", "expects 0.5"),
+    ]
+    for override, message in mismatches:
         cfg = load_config("configs/tiny.yaml", [f"data.index={toy}", override])
         with pytest.raises(ConfigError, match=message):
             batches_for(cfg, world)

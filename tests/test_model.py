@@ -156,8 +156,8 @@ def golden() -> dict:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in by_capability:
         have = ", ".join(by_capability)
-        pytest.skip(f"NO GOLDEN OUTPUTS FOR CPU CAPABILITY {capability} (have {have}): compute them with the "
-                    "original code on such a CPU (tests/reference_case.py)")  # fmt: skip
+        reason = f"NO GOLDEN OUTPUTS FOR CPU CAPABILITY {capability} (have {have})"
+        pytest.skip(f"{reason}: compute them with the original code on such a CPU (tests/reference_case.py)")
     return by_capability[capability]
 
 

@@ -15,10 +15,11 @@ import torch
 from test_checkpoint import _one_process
 
 from latte.builders import build_diffusion, build_model
+from latte.conditioning import ClassLabels
 from latte.config import ConfigError, load_config, sampler_of
 from latte.diffusion import GaussianDiffusion, KnownFrames, create_diffusion, get_named_beta_schedule
-from latte.sample import main
-from latte.sampling.decoding import choose_vae, read_facts, scaling_factor
+from latte.sample import index_facts, main
+from latte.sampling.decoding import choose_vae, scaling_factor
 from latte.sampling.generate import Denoiser, rank_samples, sample_batch, sample_generator, sample_latents
 from latte.sampling.ranks import batches_of
 from latte.vae import VaeError, decode, load_autoencoder
@@ -80,12 +81,17 @@ def test_samples_depend_on_seed_and_index_only(model):
     assert all((b1[i] - one[i]).abs().max() <= 1e-5 * one[i].abs().max() for i in one)
 
 
+def labelled(y: torch.Tensor):
+    """The condition of class ids ``y`` for the tiny model (4 classes, label dropout: a "no class" row)."""
+    return ClassLabels(4, 0.1).labels(y)
+
+
 def test_cfg_scale_1_is_the_conditional_forward_and_guidance_mixes_eps_only(model):
     g = torch.Generator().manual_seed(1)
     x, t, y = torch.randn(2, 4, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.tensor([1, 3])
     cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 4))  # class 4 = the "no class" row
-    assert torch.equal(Denoiser(model, y, 1.0)(x, t), cond)
-    guided = Denoiser(model, y, 4.0)(x, t)
+    assert torch.equal(Denoiser(model, labelled(y), 1.0)(x, t), cond)
+    guided = Denoiser(model, labelled(y), 4.0)(x, t)
     eps = uncond[:, :, :4] + 4.0 * (cond[:, :, :4] - uncond[:, :, :4])
     torch.testing.assert_close(guided[:, :, :4], eps, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(guided[:, :, 4:], cond[:, :, 4:], rtol=1e-4, atol=1e-5)  # variance: cond's
@@ -100,7 +106,7 @@ def test_cfg_scale_1_is_the_conditional_forward_and_guidance_mixes_eps_only(mode
 
 def test_ddim_eta_0_depends_on_x_T_only(model):
     d = create_diffusion("ddim5")
-    denoiser = Denoiser(model, torch.tensor([2]), 3.0)
+    denoiser = Denoiser(model, labelled(torch.tensor([2])), 3.0)
     z = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def run(seed: int, eta: float) -> torch.Tensor:
@@ -119,7 +125,7 @@ def test_respacing_all_1000_steps_equals_the_unrespaced_process(model):
     kinds = {k: getattr(create_diffusion(""), k) for k in ("model_mean_type", "model_var_type", "loss_type")}
     base = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), **kinds)
     spaced = create_diffusion("1000")
-    denoiser = Denoiser(model, torch.tensor([1]), 1.0)
+    denoiser = Denoiser(model, labelled(torch.tensor([1])), 1.0)
     shape = (1, 1, 4, 8, 8)  # one frame keeps 2 x 1000 forwards cheap
 
     def run(d) -> torch.Tensor:
@@ -132,7 +138,7 @@ def test_known_frames_are_exact_and_condition_the_rest(model):
     d = create_diffusion("4")
     x0 = torch.randn(2, 4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     known = KnownFrames(x0, torch.tensor([True, True, False, False]))
-    denoiser = Denoiser(model, torch.tensor([0, 1]), 1.0)
+    denoiser = Denoiser(model, labelled(torch.tensor([0, 1])), 1.0)
 
     def run(k: KnownFrames | None) -> torch.Tensor:
         gens = [sample_generator(0, i, CPU) for i in range(2)]
@@ -160,17 +166,26 @@ def test_long_video_is_stitched_from_overlapping_clips(model, total, clips):
     assert torch.equal(video, stitched)  # and a second run of the same seed gives the same bits
 
 
+def write_index(path: Path, vae: str, scaling_factor: float) -> None:
+    """A dataset index (of no shards) that names the VAE and the factor, as the sharding job writes it."""
+    from data_pipeline.index import DatasetFacts, DatasetIndex, save_index
+
+    facts = DatasetFacts(vae=vae, scaling_factor=scaling_factor, latent_shape=[4, 4, 8, 8], num_frames=4,
+                         frame_interval=1, image_size=64)  # fmt: skip
+    save_index(DatasetIndex(facts), str(path))
+
+
 def test_scaling_factor_sources_and_decode_divides_by_it(tmp_path, vae_dir):
     index = tmp_path / "index.json"
-    index.write_text(json.dumps({"facts": {"vae": str(vae_dir), "scaling_factor": 0.5}}))
-    facts = read_facts(str(index))
+    write_index(index, str(vae_dir), 0.5)
+    facts = index_facts(str(index))
     assert choose_vae(None, facts) == (str(vae_dir), f"dataset index {index}")
     assert choose_vae("other", facts) == ("other", "--vae")
     with_index = load_config(TINY, [f"data.index={index}"])
     assert scaling_factor(with_index, facts, 0.18215) == (0.5, f"dataset index {index}")
     own = load_config(TINY, [f"data.index={index}", "data.scaling_factor=0.25"])
     assert scaling_factor(own, facts, 0.18215) == (0.25, "config data.scaling_factor")
-    missing = read_facts(str(tmp_path / "nope.json"))
+    missing = index_facts(str(tmp_path / "nope.json"))
     unknown = r"scaling factor is unknown: the dataset index .*nope.json cannot give it \(FileNotFoundError"
     with pytest.raises(VaeError, match=unknown + r".*pass --set data.scaling_factor=F"):
         scaling_factor(with_index, missing, 0.18215)  # no guess from the VAE's config (issue 13.5)
@@ -247,8 +262,7 @@ def test_cli_writes_decodable_videos_a_grid_and_a_gif(ckpt, vae_dir, tmp_path):
     from PIL import Image
 
     index = tmp_path / "latents" / "index.json"  # the dataset names the VAE and the factor
-    index.parent.mkdir()
-    index.write_text(json.dumps({"facts": {"vae": str(vae_dir), "scaling_factor": 0.5}}))
+    write_index(index, str(vae_dir), 0.5)
     out = tmp_path / "videos"
     cmd = [sys.executable, "-m", "latte.sample", str(ckpt), "--out", str(out), "--num-samples", "3",
            "--steps", "ddim2", "--total-frames", "6", "--overlap", "2", "--set",

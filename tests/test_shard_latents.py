@@ -34,8 +34,10 @@ from data_pipeline.video import resize_center_crop
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the VAE is a local directory
 REPO = Path(__file__).resolve().parents[1]
 SF = 0.18215  # diffusers' default scaling factor, which the tiny VAE's config carries
-OPTIONS = ["--num-frames", "4", "--frame-interval", "2", "--clips-per-video", "2", "--image-size", "32",
-           "--samples-per-shard", "8", "--flip", "--workers", "1", "--no-progress"]  # fmt: skip
+OPTIONS = (
+    "--num-frames 4 --frame-interval 2 --clips-per-video 2 --image-size 32 "
+    "--samples-per-shard 8 --flip --workers 1 --no-progress"
+).split()
 VIDEOS = {  # path -> (frames, (width, height)); positions in sorted order: v0 0, v1 1, short 2, v2 3, v4 6
     "a/v0.mp4": (24, (96, 64)),
     "a/v1.mp4": (16, (90, 70)),  # an odd size
@@ -122,8 +124,8 @@ def test_local_job_index_samples_and_failures(local, data):
     assert all(s.samples <= 8 for s in index.shards) and len(index.shards) >= 3
     assert sorted(f.name for f in Path(local).glob("*.tar")) == [s.url for s in index.shards]
     assert not list(Path(local).glob(".*"))  # no temporary shard is left behind
-    assert [(Path(f["input"]).name, f["error"].split(":")[0]) for f in index.failed] == [
-        ("corrupt.mp4", "InvalidDataError"), ("empty.mp4", "empty file (0 bytes)")]  # fmt: skip
+    failed = [(Path(f["input"]).name, f["error"].split(":")[0]) for f in index.failed]
+    assert failed == [("corrupt.mp4", "InvalidDataError"), ("empty.mp4", "empty file (0 bytes)")]
     assert load_part(local, 0).to_json() == index.to_json()
     for key, sample in samples.items():
         meta = json.loads(sample["json"])
@@ -174,8 +176,8 @@ def test_killed_task_reruns_to_identical_shards(local, data, capsys):
     reference = load_index(local)
     out = data / "out-killed"
     kill_after = reference.shards[0].samples + 2  # two samples into the second shard
-    cmd = [sys.executable, "-m", "data_pipeline.shard_latents", "--input", str(data / "videos"),
-           "--output", str(out), "--vae", str(data / "vae"), *OPTIONS, "--workers", "0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "data_pipeline.shard_latents", "--input", str(data / "videos")]
+    cmd += ["--output", str(out), "--vae", str(data / "vae"), *OPTIONS, "--workers", "0"]
     env = dict(os.environ, LATTE_SHARD_KILL_AFTER_SAMPLES=str(kill_after))
     killed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -269,19 +271,25 @@ def test_manifests_labels_missing_paths_and_factor_override(local, data):
     assert all("cls" not in s for s in unconditional.values())
 
 
-CASES = ["wrong-secret", "missing-bucket", "unreachable", "unwritable", "bad-number", "missing-input",
-         "missing-manifest", "unknown-option", "other-job"]  # fmt: skip
+MESSAGES = {  # bad setup -> what its one line says
+    "wrong-secret": "denied",
+    "missing-bucket": "does not exist",
+    "unreachable": "cannot reach",
+    "unwritable": "not writable",
+    "bad-number": "--num-frames must be at least 1",
+    "missing-input": "not a directory",
+    "missing-manifest": "cannot read the manifest",
+    "unknown-option": "unrecognized arguments",
+    "other-job": "holds a different job",
+}
+CASES = list(MESSAGES)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_setups_fail_fast_with_one_line(case, data, local, tmp_path, monkeypatch, capsys, request):
     output: str = str(tmp_path / "out")
     extra, source = [], None
-    expected = {"wrong-secret": "denied", "missing-bucket": "does not exist", "unreachable": "cannot reach",
-                "unwritable": "not writable", "bad-number": "--num-frames must be at least 1",
-                "missing-input": "not a directory", "missing-manifest": "cannot read the manifest",
-                "unknown-option": "unrecognized arguments",
-                "other-job": "holds a different job"}[case]  # fmt: skip
+    expected = MESSAGES[case]
     if case in ("wrong-secret", "missing-bucket", "unreachable"):
         bucket = request.getfixturevalue("s3_bucket")
         output = f"{bucket}/out" if case != "missing-bucket" else "s3://no-such-bucket-here/out"
@@ -293,8 +301,11 @@ def test_bad_setups_fail_fast_with_one_line(case, data, local, tmp_path, monkeyp
         (tmp_path / "a-file").write_text("")
         output = str(tmp_path / "a-file" / "out")
     else:
-        extra = {"bad-number": ["--num-frames", "0"], "unknown-option": ["--frames", "3"],
-                 "other-job": ["--clips-per-video", "3"]}.get(case, [])  # fmt: skip
+        extra = {
+            "bad-number": ["--num-frames", "0"],
+            "unknown-option": ["--frames", "3"],
+            "other-job": ["--clips-per-video", "3"],
+        }.get(case, [])
         source = {"missing-input": tmp_path / "nothing", "missing-manifest": tmp_path / "nothing.csv"}.get(
             case
         )
@@ -312,8 +323,8 @@ def test_bad_setups_fail_fast_with_one_line(case, data, local, tmp_path, monkeyp
 
 
 def test_cli_error_is_one_line_on_stderr(data, s3_bucket):
-    cmd = [sys.executable, "-m", "data_pipeline.shard_latents", "--input", str(data / "videos"), "--output",
-           "s3://no-such-bucket-here/x", "--vae", str(data / "vae")]  # fmt: skip
+    cmd = [sys.executable, "-m", "data_pipeline.shard_latents", "--input", str(data / "videos")]
+    cmd += ["--output", "s3://no-such-bucket-here/x", "--vae", str(data / "vae")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
@@ -363,8 +374,8 @@ def error_lines(err: str) -> list[str]:
 
 
 def no_samples_line(output: Path) -> str:
-    return (f"error: dataset '{output}' has no samples: all 2 inputs failed (listed under 'failed' in "
-            f"'{output / 'index.json'}')")  # fmt: skip
+    listed = f"listed under 'failed' in '{output / 'index.json'}'"
+    return f"error: dataset '{output}' has no samples: all 2 inputs failed ({listed})"
 
 
 def test_job_whose_every_input_failed_exits_2(data, bad_inputs, capsys):

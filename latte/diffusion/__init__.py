@@ -36,45 +36,28 @@ __all__ = [
 def create_diffusion(
     timestep_respacing: str | None = "",
     noise_schedule: str = "linear",
-    use_kl: bool = False,
-    sigma_small: bool = False,
-    predict_xstart: bool = False,
     learn_sigma: bool = True,
-    rescale_learned_sigmas: bool = False,
     diffusion_steps: int = 1000,
 ) -> SpacedDiffusion:
-    """Build the diffusion the way DiT / Latte do.
+    """Build the diffusion the way DiT / Latte do: the model predicts the noise and trains on its MSE.
 
     Args:
         timestep_respacing: "" or None for all ``diffusion_steps``; otherwise a ``space_timesteps`` spec
             such as "250" or "ddim50" (used for sampling).
         noise_schedule: "linear" or "squaredcos_cap_v2".
-        use_kl: train on the rescaled variational bound (LossType.RESCALED_KL, as in DiT / Latte).
-        sigma_small: with fixed variance, use the posterior variance instead of beta_t.
-        predict_xstart: the model predicts x_0 instead of the noise.
-        learn_sigma: the model also outputs variance values (LEARNED_RANGE), so its output has 2C channels.
-        rescale_learned_sigmas: use LossType.RESCALED_MSE instead of MSE.
+        learn_sigma: the model also outputs variance values (LEARNED_RANGE, trained by the VB term), so its
+            output has 2C channels; without it the variance is beta_t (FIXED_LARGE).
         diffusion_steps: length of the base process.
 
     Returns:
         a ``SpacedDiffusion`` over the kept timesteps.
     """
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
-    if use_kl:
-        loss_type = LossType.RESCALED_KL
-    elif rescale_learned_sigmas:
-        loss_type = LossType.RESCALED_MSE
-    else:
-        loss_type = LossType.MSE
-    if learn_sigma:
-        var_type = ModelVarType.LEARNED_RANGE
-    else:
-        var_type = ModelVarType.FIXED_SMALL if sigma_small else ModelVarType.FIXED_LARGE
     spacing: str | list[int] = timestep_respacing if timestep_respacing else [diffusion_steps]
     return SpacedDiffusion(
         use_timesteps=space_timesteps(diffusion_steps, spacing),
         betas=betas,
-        model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
-        model_var_type=var_type,
-        loss_type=loss_type,
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.LEARNED_RANGE if learn_sigma else ModelVarType.FIXED_LARGE,
+        loss_type=LossType.MSE,
     )

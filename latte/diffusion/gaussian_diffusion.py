@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .likelihoods import discretized_gaussian_log_likelihood, normal_kl
 
@@ -47,34 +48,25 @@ class ModelMeanType(enum.Enum):
     """What the network's (first C channels of) output predict."""
 
     PREVIOUS_X = enum.auto()  # x_{t-1}
-    START_X = enum.auto()  # x_0
-    EPSILON = enum.auto()  # the noise
+    EPSILON = enum.auto()  # the noise (Latte / DiT)
 
 
 class ModelVarType(enum.Enum):
     """Where the reverse-process variance comes from.
 
-    LEARNED: the model outputs the log-variance directly. LEARNED_RANGE: the model outputs v in [-1, 1] that
-    interpolates (in log space) between the posterior variance (FIXED_SMALL) and beta_t (FIXED_LARGE).
+    LEARNED_RANGE (Latte / DiT, ``learn_sigma``): the model outputs v in [-1, 1] that interpolates (in log
+    space) between the posterior variance (FIXED_SMALL) and beta_t (FIXED_LARGE, without ``learn_sigma``).
     """
 
-    LEARNED = enum.auto()
     FIXED_SMALL = enum.auto()
     FIXED_LARGE = enum.auto()
     LEARNED_RANGE = enum.auto()
 
 
 class LossType(enum.Enum):
-    """Training objective."""
+    """Training objective: the one Latte / DiT train with."""
 
     MSE = enum.auto()  # MSE on the mean prediction (+ VB term when variance is learned)
-    RESCALED_MSE = enum.auto()  # as MSE, VB term scaled by num_timesteps / 1000
-    KL = enum.auto()  # the variational bound term alone
-    RESCALED_KL = enum.auto()  # KL scaled by num_timesteps, an estimate of the full bound
-
-    def is_vb(self) -> bool:
-        """True for the losses that are the variational bound itself."""
-        return self in (LossType.KL, LossType.RESCALED_KL)
 
 
 def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -220,7 +212,6 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         assert self.alphas_cumprod_prev.shape == (self.num_timesteps,)
 
         # q(x_t | x_0) and its inversions.
@@ -329,15 +320,12 @@ class GaussianDiffusion:
         assert t.shape == (n,), f"t must have shape ({n},), got {tuple(t.shape)}"
         model_output, extra = _first(model(x, t, **model_kwargs))
 
-        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+        if self.model_var_type == ModelVarType.LEARNED_RANGE:
             model_output, model_var_values = _split_learned_variance(model_output, x)
-            if self.model_var_type == ModelVarType.LEARNED:
-                model_log_variance = model_var_values
-            else:
-                min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(self.log_betas, t, x.shape)
-                frac = (model_var_values + 1) / 2  # [-1, 1] -> [0, 1], from min_var to max_var
-                model_log_variance = frac * max_log + (1 - frac) * min_log
+            min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
+            max_log = _extract_into_tensor(self.log_betas, t, x.shape)
+            frac = (model_var_values + 1) / 2  # [-1, 1] -> [0, 1], from min_var to max_var
+            model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
@@ -356,10 +344,7 @@ class GaussianDiffusion:
             pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output))
             model_mean = model_output
         else:
-            if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
-            else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
+            pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
             model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
 
         assert model_mean.shape == model_log_variance.shape == pred_xstart.shape == x.shape
@@ -397,43 +382,6 @@ class GaussianDiffusion:
             _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
         ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
 
-    def condition_mean(
-        self,
-        cond_fn: ModelFn,
-        p_mean_var: dict[str, Any],
-        x: torch.Tensor,
-        t: torch.Tensor,
-        model_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        """Shift the mean by variance * grad log p(y | x) (Sohl-Dickstein et al. 2015).
-
-        Returns:
-            the new mean, a float32 tensor of x's shape.
-        """
-        gradient = cond_fn(x, t, **(model_kwargs or {}))
-        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
-
-    def condition_score(
-        self,
-        cond_fn: ModelFn,
-        p_mean_var: dict[str, Any],
-        x: torch.Tensor,
-        t: torch.Tensor,
-        model_kwargs: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Condition the implied score on grad log p(y | x) (Song et al. 2020), for DDIM.
-
-        Returns:
-            a copy of ``p_mean_var`` with "pred_xstart" and "mean" replaced.
-        """
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, t, **(model_kwargs or {}))
-        out = p_mean_var.copy()
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
-        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
-        return out
-
     # ------------------------------------------------------------------ ancestral sampling
 
     def p_sample(
@@ -445,7 +393,6 @@ class GaussianDiffusion:
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         generator: Generators = None,
-        cond_fn: ModelFn | None = None,
     ) -> dict[str, torch.Tensor]:
         """Draw x_{t-1} ~ p(x_{t-1} | x_t); no noise is added where t == 0.
 
@@ -458,8 +405,6 @@ class GaussianDiffusion:
         noise = _randn_like(x, generator)
         # (N,) -> (N, 1, 1, 1, 1): 0 where t == 0, else 1.
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
@@ -474,7 +419,6 @@ class GaussianDiffusion:
         device: torch.device | str | None = None,
         progress: bool = False,
         generator: Generators = None,
-        cond_fn: ModelFn | None = None,
         known: KnownFrames | None = None,
     ) -> torch.Tensor:
         """Ancestral sampling through every timestep of this diffusion.
@@ -501,7 +445,6 @@ class GaussianDiffusion:
             device,
             progress,
             generator,
-            cond_fn,
             known=known,
         )
         return _last_sample(steps)
@@ -510,8 +453,6 @@ class GaussianDiffusion:
         """Timesteps T-1, ..., 0, wrapped in a tqdm bar if asked."""
         indices = range(self.num_timesteps - 1, -1, -1)
         if progress:
-            from tqdm.auto import tqdm  # lazy: tqdm is only needed for progress bars
-
             return iter(tqdm(indices))
         return iter(indices)
 
@@ -524,7 +465,6 @@ class GaussianDiffusion:
         device: torch.device | str | None,
         progress: bool,
         generator: Generators,
-        cond_fn: ModelFn | None,
         step_kwargs: dict[str, Any],
         known: KnownFrames | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
@@ -538,7 +478,7 @@ class GaussianDiffusion:
             with torch.no_grad():
                 if known is not None:  # the known frames as the forward process has them at t (fresh noise)
                     img = known.put(self.q_sample(known.x0, t, noise=_randn_like(known.x0, generator)), img)
-                out = step(model, img, t, generator=generator, cond_fn=cond_fn, **step_kwargs)
+                out = step(model, img, t, generator=generator, **step_kwargs)
             if known is not None and i == 0:
                 out = {**out, "sample": known.put(known.x0, out["sample"])}
             yield out
@@ -555,13 +495,12 @@ class GaussianDiffusion:
         device: torch.device | str | None = None,
         progress: bool = False,
         generator: Generators = None,
-        cond_fn: ModelFn | None = None,
         known: KnownFrames | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``p_sample_loop`` but yields each step's ``p_sample`` output dict, from t = T-1 down to 0."""
         step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         return self._progressive(
-            self.p_sample, model, shape, noise, device, progress, generator, cond_fn, step_kwargs, known
+            self.p_sample, model, shape, noise, device, progress, generator, step_kwargs, known
         )
 
     # ------------------------------------------------------------------ DDIM sampling
@@ -576,7 +515,6 @@ class GaussianDiffusion:
         model_kwargs: dict[str, Any] | None = None,
         eta: float = 0.0,
         generator: Generators = None,
-        cond_fn: ModelFn | None = None,
     ) -> dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12); eta = 0 is deterministic.
 
@@ -586,8 +524,6 @@ class GaussianDiffusion:
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Re-derive eps from x_0 so that x_0- and x_{t-1}-predicting models work too.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
@@ -606,33 +542,6 @@ class GaussianDiffusion:
         sample = mean_pred + nonzero_mask * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(
-        self,
-        model: ModelFn,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        eta: float = 0.0,
-        cond_fn: ModelFn | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One deterministic DDIM inversion step x_t -> x_{t+1} (eta must be 0).
-
-        Returns:
-            dict with "sample" and "pred_xstart", both of x's shape.
-        """
-        assert eta == 0.0, "the reverse ODE is only defined for the deterministic path"
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
-        )
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
-        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
-        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
-
     def ddim_sample_loop(
         self,
         model: ModelFn,
@@ -645,7 +554,6 @@ class GaussianDiffusion:
         progress: bool = False,
         eta: float = 0.0,
         generator: Generators = None,
-        cond_fn: ModelFn | None = None,
         known: KnownFrames | None = None,
     ) -> torch.Tensor:
         """DDIM sampling through every timestep of this diffusion (respace it for fewer steps).
@@ -666,7 +574,6 @@ class GaussianDiffusion:
             progress,
             eta,
             generator,
-            cond_fn,
             known=known,
         )
         return _last_sample(steps)
@@ -683,7 +590,6 @@ class GaussianDiffusion:
         progress: bool = False,
         eta: float = 0.0,
         generator: Generators = None,
-        cond_fn: ModelFn | None = None,
         known: KnownFrames | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``ddim_sample_loop`` but yields each step's ``ddim_sample`` output dict."""
@@ -691,7 +597,7 @@ class GaussianDiffusion:
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta
         )
         return self._progressive(
-            self.ddim_sample, model, shape, noise, device, progress, generator, cond_fn, step_kwargs, known
+            self.ddim_sample, model, shape, noise, device, progress, generator, step_kwargs, known
         )
 
     # ------------------------------------------------------------------ losses
@@ -743,8 +649,8 @@ class GaussianDiffusion:
             noise: the Gaussian noise used to make x_t; drawn with ``torch.randn_like`` when None.
 
         Returns:
-            dict of (N,) tensors: "loss" always; for MSE losses also "mse", and "vb" when the variance is
-            learned (then loss = mse + vb).
+            dict of (N,) tensors: "loss" and "mse", and "vb" when the variance is learned (then
+            loss = mse + vb).
         """
         if model_kwargs is None:
             model_kwargs = {}
@@ -753,94 +659,29 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise=noise)
 
         terms: dict[str, torch.Tensor] = {}
-        if self.loss_type.is_vb():
-            terms["loss"] = self._vb_terms_bpd(
-                model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs
+        model_output, _ = _first(model(x_t, t, **model_kwargs))
+
+        if self.model_var_type == ModelVarType.LEARNED_RANGE:
+            model_output, model_var_values = _split_learned_variance(model_output, x_t)
+            # The VB term trains only the variance: it sees a detached mean and the live variance values.
+            # 2 x (N, F, C, H, W) -> (N, F, 2C, H, W)
+            frozen_out = torch.cat([model_output.detach(), model_var_values], dim=CHANNEL_DIM)
+
+            def frozen_model(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+                return frozen_out
+
+            terms["vb"] = self._vb_terms_bpd(
+                model=frozen_model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
             )["output"]
-            if self.loss_type == LossType.RESCALED_KL:
-                terms["loss"] = terms["loss"] * self.num_timesteps
-        elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
-            model_output, _ = _first(model(x_t, t, **model_kwargs))
 
-            if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-                model_output, model_var_values = _split_learned_variance(model_output, x_t)
-                # The VB term trains only the variance: it sees a detached mean and the live variance values.
-                # 2 x (N, F, C, H, W) -> (N, F, 2C, H, W)
-                frozen_out = torch.cat([model_output.detach(), model_var_values], dim=CHANNEL_DIM)
-
-                def frozen_model(*_args: Any, **_kwargs: Any) -> torch.Tensor:
-                    return frozen_out
-
-                terms["vb"] = self._vb_terms_bpd(
-                    model=frozen_model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
-                )["output"]
-                if self.loss_type == LossType.RESCALED_MSE:
-                    # Keeps the VB term from swamping the MSE term (improved-DDPM's 1/1000 convention).
-                    terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
-
-            if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-                target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
-            elif self.model_mean_type == ModelMeanType.START_X:
-                target = x_start
-            else:
-                target = noise
-            assert model_output.shape == target.shape == x_start.shape
-            terms["mse"] = mean_flat((target - model_output) ** 2)
-            terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
         else:
-            raise NotImplementedError(self.loss_type)
+            target = noise
+        assert model_output.shape == target.shape == x_start.shape
+        terms["mse"] = mean_flat((target - model_output) ** 2)
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
-
-    # ------------------------------------------------------------------ full bound (evaluation)
-
-    def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dim; depends only on the encoder. Returns (N,)."""
-        t = torch.tensor([self.num_timesteps - 1] * x_start.shape[0], device=x_start.device)
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
-        kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
-        return mean_flat(kl_prior) / math.log(2.0)
-
-    def calc_bpd_loop(
-        self,
-        model: ModelFn,
-        x_start: torch.Tensor,
-        clip_denoised: bool = True,
-        model_kwargs: dict[str, Any] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The whole variational bound in bits per dim, one model call per timestep.
-
-        Returns:
-            dict with "total_bpd" and "prior_bpd" of shape (N,), and "vb", "xstart_mse", "mse" of shape
-            (N, T) (columns ordered from t = T-1 down to 0).
-        """
-        vb, xstart_mse, mse = [], [], []
-        for i in range(self.num_timesteps - 1, -1, -1):
-            t = torch.tensor([i] * x_start.shape[0], device=x_start.device)
-            noise = torch.randn_like(x_start)
-            x_t = self.q_sample(x_start=x_start, t=t, noise=noise)
-            with torch.no_grad():
-                out = self._vb_terms_bpd(
-                    model,
-                    x_start=x_start,
-                    x_t=x_t,
-                    t=t,
-                    clip_denoised=clip_denoised,
-                    model_kwargs=model_kwargs,
-                )
-            vb.append(out["output"])
-            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
-            eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
-            mse.append(mean_flat((eps - noise) ** 2))
-
-        prior_bpd = self._prior_bpd(x_start)
-        vb_t = torch.stack(vb, dim=1)  # T x (N,) -> (N, T)
-        return {
-            "total_bpd": vb_t.sum(dim=1) + prior_bpd,
-            "prior_bpd": prior_bpd,
-            "vb": vb_t,
-            "xstart_mse": torch.stack(xstart_mse, dim=1),
-            "mse": torch.stack(mse, dim=1),
-        }
 
 
 def _last_sample(steps: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:

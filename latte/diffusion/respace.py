@@ -105,14 +105,6 @@ class SpacedDiffusion(GaussianDiffusion):
         """``GaussianDiffusion.training_losses`` with the model seeing original timesteps."""
         return super().training_losses(self._wrap_model(model), *args, **kwargs)
 
-    def condition_mean(self, cond_fn: ModelFn, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``GaussianDiffusion.condition_mean`` with ``cond_fn`` seeing original timesteps."""
-        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
-
-    def condition_score(self, cond_fn: ModelFn, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """``GaussianDiffusion.condition_score`` with ``cond_fn`` seeing original timesteps."""
-        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
-
     def _wrap_model(self, model: ModelFn) -> _WrappedModel:
         if isinstance(model, _WrappedModel):
             return model

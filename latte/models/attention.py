@@ -4,8 +4,7 @@ SDPA and plain math.
 Every backend takes q, k, v as (B, N, H, D) and returns (B, Nq, H, D), with the same semantics:
 
 * ``key_padding_mask``: optional (B, Nk) bool, True = this key may be attended to. It is how the model drops
-  padded frames (temporal attention), padded tokens (spatial attention) and padded encoder states
-  (cross-attention, ``encoder_attention_mask``).
+  padded frames (temporal attention) and padded tokens (spatial attention).
 * A query whose keys are all masked gets an output of exactly zero (never NaN): such sequences are run
   unmasked and their output multiplied by zero afterwards, so forward and backward stay finite everywhere.
 
@@ -290,32 +289,4 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)  # (B, N, 3, H, D)
         q, k, v = qkv.unbind(2)  # each (B, N, H, D), views
         out = attention(q, k, v, attention_mask, self.backend)  # (B, N, H, D)
-        return self.proj(out.reshape(b, n, c))
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention from x to an encoder sequence (text, image or other conditioning states).
-
-    The class-conditional and unconditional Latte models have none; conditioned variants add one per block.
-    """
-
-    def __init__(
-        self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto"
-    ) -> None:
-        super().__init__()
-        _check_heads_and_backend(dim, num_heads, backend)
-        load_kernels()
-        self.num_heads = num_heads
-        self.backend = backend
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(context_dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, context: Tensor, encoder_attention_mask: Tensor | None = None) -> Tensor:
-        """x (B, N, C); context (B, M, Cc); encoder_attention_mask (B, M) bool. Returns (B, N, C)."""
-        b, n, c = x.shape
-        h = self.num_heads
-        q = self.q(x).reshape(b, n, h, c // h)  # (B, N, H, D)
-        k, v = self.kv(context).reshape(b, context.shape[1], 2, h, c // h).unbind(2)  # each (B, M, H, D)
-        out = attention(q, k, v, encoder_attention_mask, self.backend)  # (B, N, H, D)
         return self.proj(out.reshape(b, n, c))

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -21,9 +22,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj(x)  # (B, C, H, W) -> (B, D, H/p, W/p)
-        # (B, D, T) -> (B, T, D), T = (H/p)(W/p) row-major. Contiguous: the residual stream starts here, and a
-        # channel-first view (stride(-1) == T) would make every block's LayerNorm copy and every add stride.
-        return x.flatten(2).transpose(1, 2).contiguous()
+        # Contiguous: the residual stream starts here, and a channel-first view (stride(-1) == T) would make
+        # every block's LayerNorm copy and every add stride.
+        return rearrange(x, "b d h w -> b (h w) d").contiguous()  # (B, T, D), T = (H/p)(W/p) row-major
 
 
 def timestep_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:

@@ -9,6 +9,7 @@ The parameter names and the function computed are those of the released Latte ch
 from __future__ import annotations
 
 import torch
+from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -108,6 +109,8 @@ class Latte(nn.Module):
         gradient_checkpointing: recompute each block in backward instead of storing its activations.
     """
 
+    FIXED_TABLES = ("pos_embed", "temp_embed")  # sin-cos tables: frozen parameters, as checkpoints store them
+
     def __init__(
         self,
         input_size: int = 32,
@@ -187,11 +190,9 @@ class Latte(nn.Module):
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """(N, F, T, p*p*C_out) tokens -> (N, F, C_out, H, W) latents."""
-        n, f = x.shape[:2]
-        p, c, g = self.patch_size, self.out_channels, self.x_embedder.grid_size
-        x = x.reshape(n, f, g, g, p, p, c)  # (N, F, h, w, p, q, C)
-        x = torch.einsum("nfhwpqc->nfchpwq", x)  # (N, F, C, h, p, w, q)
-        return x.reshape(n, f, c, g * p, g * p)  # (N, F, C, H, W)
+        p, g = self.patch_size, self.x_embedder.grid_size
+        # Tokens row-major over the (h, w) grid of patches, each token's values (p, q, C) channel-last.
+        return rearrange(x, "n f (h w) (p q c) -> n f c (h p) (w q)", h=g, p=p, q=p)  # (N, F, C, H, W)
 
     def _run_block(self, block: nn.Module, x: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -233,8 +234,9 @@ class Latte(nn.Module):
             raise ValueError(
                 f"input latents are {ch}x{h}x{w}; the model expects {self.in_channels}x{self.input_size}²"
             )
-        tokens = self.x_embedder(x.reshape(n * f, ch, h, w)) + self.pos_embed  # (N*F, T, D)
-        x = tokens.reshape(n, f, tokens.shape[1], tokens.shape[2])  # (N, F, T, D)
+        frames = rearrange(x, "n f c h w -> (n f) c h w")  # (N*F, C, H, W)
+        tokens = self.x_embedder(frames) + self.pos_embed  # (N*F, T, D)
+        x = rearrange(tokens, "(n f) t d -> n f t d", n=n)  # (N, F, T, D)
 
         t_emb = self.t_embedder(t)  # (N, D)
         y_emb = None
@@ -246,8 +248,8 @@ class Latte(nn.Module):
         def per_sequence(s: int) -> Tensor:
             """(N, D) -> (N*S, D), row n*S + s: t and y repeated, then added, once per pass and shared by the
             blocks, as the original does (its gradients then sum in the same order as well)."""
-            c = t_emb.repeat_interleave(s, dim=0)
-            return c if y_emb is None else c + y_emb.repeat_interleave(s, dim=0)
+            c = repeat(t_emb, "n d -> (n s) d", s=s)  # (N*S, D)
+            return c if y_emb is None else c + repeat(y_emb, "n d -> (n s) d", s=s)
 
         c_spatial, c_temporal = per_sequence(f), per_sequence(x.shape[2])  # (N*F, D), (N*T, D)
 
@@ -259,10 +261,8 @@ class Latte(nn.Module):
         for i in range(0, len(self.blocks), 2):
             x = self._run_block(self.blocks[i], x, c_spatial, spatial_mask)  # attends over T in each frame
             x = x.transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D): frame sequences per token position
-            if i == 0:
-                x = (
-                    x + self.temp_embed[:, None, :f]
-                )  # (1, 1, F, D), added once before the first temporal block
+            if i == 0:  # the temporal table, (1, 1, F, D), added once before the first temporal block
+                x = x + self.temp_embed[:, None, :f]
             x = self._run_block(self.blocks[i + 1], x, c_temporal, temporal_mask)  # attends over F
             x = x.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
 

@@ -13,25 +13,19 @@ from contextlib import nullcontext
 
 import torch
 
+from latte.conditioning import Condition, conditioning_of
 from latte.config import Config, sampler_of
 from latte.diffusion import GaussianDiffusion, KnownFrames
 from latte.models import Latte
+from latte.precision import DTYPES
 from latte.sampling.long_video import default_overlap, num_clips, sample_clips, stitch
 from latte.sampling.ranks import batches_of
-from latte.vae import DTYPES
+from latte.seeding import mix_seed
 
 
 def sample_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
     """The noise stream of sample ``index``."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-
-
-def class_of(cfg: Config, index: int) -> int | None:
-    """Sample ``index``'s class: sample.classes cycled, else 0, 1, 2, ... cycled; None if unconditional."""
-    if not cfg.model.num_classes:
-        return None
-    classes = cfg.sample.classes or list(range(cfg.model.num_classes))
-    return classes[index % len(classes)]
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, index))
 
 
 def total_frames(cfg: Config) -> int:
@@ -51,28 +45,31 @@ def steps_per_batch(cfg: Config, diffusion: GaussianDiffusion) -> int:
 class Denoiser:
     """The model as the diffusion loops call it, ``fn(x, t) -> (N, F, C_out, H, W)`` in float32.
 
-    Conditioned on ``labels`` (None: unconditional); with ``cfg_scale != 1`` guided through
-    ``model.forward_with_cfg`` on the doubled batch [cond | null class], which mixes the eps channels only.
-    At scale 1 it is the conditional forward itself (guidance at 1 would only add rounding). ``precision``
-    bf16/fp16 runs the model under autocast; the diffusion arithmetic stays in float32.
+    Conditioned on ``condition`` (``latte.conditioning``: the model's kwargs, empty = unconditional); with
+    ``cfg_scale != 1`` guided through ``model.forward_with_cfg`` on the doubled batch [cond | null], which
+    mixes the eps channels only. At scale 1 it is the conditional forward itself (guidance at 1 would only
+    add rounding). ``precision`` bf16/fp16 runs the model under autocast; the diffusion arithmetic stays in
+    float32.
     """
 
-    def __init__(self, model: Latte, labels: torch.Tensor | None, cfg_scale: float = 1.0,
-                 precision: str = "fp32") -> None:  # fmt: skip
-        self.model, self.labels, self.cfg_scale, self.precision = model, labels, cfg_scale, precision
+    def __init__(
+        self, model: Latte, condition: Condition, cfg_scale: float = 1.0, precision: str = "fp32"
+    ) -> None:
+        if cfg_scale != 1.0 and condition.null is None:
+            raise ValueError("classifier-free guidance needs a null condition, which this model has not")
+        self.model, self.condition, self.cfg_scale, self.precision = model, condition, cfg_scale, precision
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         fp32 = self.precision == "fp32"
+        cond = self.condition
         with nullcontext() if fp32 else torch.autocast(x.device.type, DTYPES[self.precision]):
-            if self.labels is None:
-                out = self.model(x, t)
-            elif self.cfg_scale == 1.0:
-                out = self.model(x, t, self.labels)
+            if self.cfg_scale == 1.0:
+                out = self.model(x, t, **cond.kwargs)
             else:
-                null = torch.full_like(self.labels, self.model.num_classes)  # the table's "no class" row
-                doubled = torch.cat([x, x])  # (2N, F, C, H, W): [cond | uncond]
-                y = torch.cat([self.labels, null])  # (2N,)
-                out = self.model.forward_with_cfg(doubled, torch.cat([t, t]), y, self.cfg_scale)[: len(x)]
+                doubled = torch.cat([x, x])  # (2N, F, C, H, W): [cond | null]
+                kwargs = {k: torch.cat([v, cond.null[k]]) for k, v in cond.kwargs.items()}  # (2N, ...)
+                t2 = torch.cat([t, t])  # (2N,)
+                out = self.model.forward_with_cfg(doubled, t2, cfg_scale=self.cfg_scale, **kwargs)[: len(x)]
         return out.float()
 
 
@@ -88,10 +85,8 @@ def sample_batch(
     unconditioned, each next one sharing its first ``overlap`` frames with the previous one. Stitch them with
     ``long_video.stitch``. ``on_step`` is called after every denoising step."""
     s = cfg.sample
-    labels = None
-    if cfg.model.num_classes:
-        labels = torch.tensor([class_of(cfg, i) for i in indices], device=device)
-    denoiser = Denoiser(model, labels, s.cfg_scale, s.precision)
+    condition = conditioning_of(cfg.model).for_samples(s, indices, device)
+    denoiser = Denoiser(model, condition, s.cfg_scale, s.precision)
     generators = [sample_generator(s.seed, i, device) for i in indices]
     size = cfg.data.latent_size
     shape = (len(indices), cfg.data.num_frames, cfg.model.in_channels, size, size)  # (N, F, C, h, w)

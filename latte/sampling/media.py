@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latte.checkpoint import atomic_write
+from latte.files import atomic_write
 
 CODECS = ("libx264", "mpeg4")  # h264 if this PyAV build has it (the wheels do), else MPEG-4 part 2
 

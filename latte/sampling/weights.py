@@ -21,6 +21,7 @@ import torch
 
 from latte import checkpoint as ckpt
 from latte.config import Config, ConfigError, config_from_dict, load_config
+from latte.errors import first_line
 
 WEIGHTS = ("ema", "model")
 PARTS = ("model", "ema")  # the top-level keys of an exported file
@@ -94,8 +95,7 @@ def _read_weights_file(path: Path, weights: str) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/safetensors raise RuntimeError, UnpicklingError, OSError...
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SourceError(f"cannot read weights from {path}: {reason}") from None
+        raise SourceError(f"cannot read weights from {path}: {first_line(exc)}") from None
     if not isinstance(obj, dict):
         raise SourceError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if any(part in obj for part in PARTS):

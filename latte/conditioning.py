@@ -1,0 +1,144 @@
+"""What the model is conditioned on: the one place that knows it.
+
+A ``Conditioning`` turns a training batch into the model's keyword arguments (with condition dropout for
+classifier-free guidance), a user's sampling request into the same arguments, and gives the null condition
+the guided forward pairs them with. ``conditioning_of(cfg.model)`` picks it:
+
+* ``Unconditional``: no arguments, no guidance.
+* ``ClassLabels``: ``y`` (N,) int64 class ids; dropout and the null condition use the label table's extra
+  "no class" row (index ``num_classes``), as DiT/Latte do.
+
+A new kind (text prompts: caption embeddings and their ``encoder_attention_mask``) is one more class here,
+one more field in the data's sample declaration (``data_pipeline.latent_sample``), and one more branch in
+``conditioning_of``; training (``train.py``), sampling (``latte.sampling.generate``) and the config's request
+checks (``latte.config.validate``) only talk to this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from latte.config import ModelConfig, SampleConfig
+
+
+class RequestError(ValueError):
+    """A sampling request the model cannot honour (the config turns it into a one-line ``ConfigError``)."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """The conditioning of a batch of samples: the model's keyword arguments, and the null condition of the
+    same samples for classifier-free guidance (None: the model has no null condition)."""
+
+    kwargs: dict[str, Tensor]
+    null: dict[str, Tensor] | None = None
+
+
+class Conditioning(Protocol):
+    batch_keys: tuple[str, ...]  # what it reads from a training batch (the data side must carry these)
+    dropout_prob: float  # condition dropout in training (0 = none)
+
+    def training_kwargs(self, batch: dict, device: torch.device, drop: Tensor | None) -> dict[str, Tensor]:
+        """The model's kwargs for a training batch; ``drop`` (B,) int64, 1 = replace by the null condition
+        (drawn per global sample by ``latte.seeding``), None = no dropout."""
+        ...
+
+    def check_request(self, sample: SampleConfig) -> None:
+        """Raise ``RequestError`` (one line) if ``sample`` asks for what this model cannot give."""
+        ...
+
+    def for_samples(self, sample: SampleConfig, indices: list[int], device: torch.device) -> Condition:
+        """The condition of samples ``indices`` of a sampling request."""
+        ...
+
+    def describe(self, sample: SampleConfig, index: int) -> dict:
+        """What sample ``index`` was conditioned on, for the run's ``samples.json``."""
+        ...
+
+
+class Unconditional:
+    batch_keys: tuple[str, ...] = ()
+    dropout_prob = 0.0
+
+    def training_kwargs(self, batch: dict, device: torch.device, drop: Tensor | None) -> dict[str, Tensor]:
+        return {}
+
+    def check_request(self, sample: SampleConfig) -> None:
+        if sample.classes:
+            raise RequestError("sample.classes given, but the model is unconditional (model.num_classes 0)")
+        if sample.cfg_scale != 1.0:
+            raise RequestError("sample.cfg_scale guides class-conditional models; model.num_classes is 0")
+
+    def for_samples(self, sample: SampleConfig, indices: list[int], device: torch.device) -> Condition:
+        return Condition({})
+
+    def describe(self, sample: SampleConfig, index: int) -> dict:
+        return {"class": None}
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """Class-conditional: ``y`` from the batch's ``"y"``; the null condition is the "no class" row, which
+    the label table has when the model was built with ``class_dropout_prob > 0``."""
+
+    num_classes: int
+    dropout_prob: float
+    batch_keys: tuple[str, ...] = ("y",)
+
+    @property
+    def has_null(self) -> bool:
+        return self.dropout_prob > 0
+
+    def training_kwargs(self, batch: dict, device: torch.device, drop: Tensor | None) -> dict[str, Tensor]:
+        kwargs = {"y": to_device(batch["y"], device)}  # (B,) int64
+        if drop is not None:
+            kwargs["force_drop_ids"] = drop  # the model swaps in the "no class" row (its table's last row)
+        return kwargs
+
+    def check_request(self, sample: SampleConfig) -> None:
+        n = self.num_classes
+        for c in sample.classes:
+            if not 0 <= c < n:
+                raise RequestError(f"class {c} is out of range: the model has {n} classes, 0..{n - 1}")
+        if sample.cfg_scale != 1.0 and not self.has_null:
+            raise RequestError(
+                "sample.cfg_scale needs the 'no class' label, which a model trained with "
+                "model.class_dropout_prob 0 does not have"
+            )
+
+    def class_of(self, sample: SampleConfig, index: int) -> int:
+        """Sample ``index``'s class: sample.classes cycled, else 0, 1, 2, ... cycled."""
+        classes = sample.classes or range(self.num_classes)
+        return classes[index % len(classes)]
+
+    def for_samples(self, sample: SampleConfig, indices: list[int], device: torch.device) -> Condition:
+        y = torch.tensor([self.class_of(sample, i) for i in indices], device=device)  # (N,)
+        null = {"y": torch.full_like(y, self.num_classes)} if self.has_null else None
+        return Condition({"y": y}, null)
+
+    def labels(self, y: Tensor) -> Condition:
+        """The condition of given class ids ``y`` (N,)."""
+        return Condition({"y": y}, {"y": torch.full_like(y, self.num_classes)} if self.has_null else None)
+
+    def describe(self, sample: SampleConfig, index: int) -> dict:
+        return {"class": self.class_of(sample, index)}
+
+
+def conditioning_of(model: ModelConfig) -> Conditioning:
+    """The conditioning a model config describes."""
+    if model.num_classes:
+        return ClassLabels(model.num_classes, model.class_dropout_prob)
+    return Unconditional()
+
+
+def to_device(tensor: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Host batch tensor -> ``device`` without a blocking copy: pinned (the loader's workers pin already on
+    CUDA) and ``non_blocking``. The caching host allocator keeps the pinned buffer until the copy is done."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype, non_blocking=True)

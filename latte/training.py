@@ -1,0 +1,60 @@
+"""The training objects a config describes, built in one order: ``build_training(cfg, world)``.
+
+Seeds -> model (fp32, identical on every rank) -> its fixed fp32 tables and parameter count (before ZeRO-3
+partitions and a bf16/fp16 engine casts it) -> DeepSpeed engine -> EMA (a copy of the synced initial
+weights) -> diffusion -> the precision wrapper the diffusion calls. ``train.py``, the benchmarks and the
+tests build through this function, so they train what ``train.py`` trains.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from latte.builders import build_diffusion, build_model
+from latte.config import Config
+from latte.ema import ShardedEMA
+from latte.engine import build_engine
+from latte.precision import DTYPES
+
+
+@dataclass
+class Training:
+    engine: Any  # the DeepSpeed engine around the model
+    ema: ShardedEMA
+    diffusion: Any  # the training diffusion (``timestep_respacing``)
+    compute_dtype: torch.dtype  # what the network computes in (train.precision)
+    n_params: int  # trainable parameters
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The network as the diffusion math calls it: inputs cast to the engine's precision, the output
+        back to fp32 (the diffusion's arithmetic stays fp32)."""
+        return self.engine(x_t.to(self.compute_dtype), t, **kwargs).float()
+
+
+def seed_everything(seed: int) -> None:
+    """torch's, python's and numpy's RNGs: identical initial weights on every rank; checkpoints save all
+    three, so resumes are exact whatever library draws from them."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_training(cfg: Config, world, load_universal: bool = False) -> Training:
+    """Everything a training step needs, from ``cfg`` (``load_universal``: the checkpoint to resume from
+    was saved by another number of ranks, ``CheckpointManager.reshard``)."""
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    fixed = {name: p.detach().clone() for name, p in model.named_parameters() if name in model.FIXED_TABLES}
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = build_engine(cfg, model, world, load_universal=load_universal)
+    ema = ShardedEMA(engine, cfg.train.ema_decay, fixed)  # starts as a copy of the synced initial weights
+    return Training(engine, ema, build_diffusion(cfg), DTYPES[cfg.train.precision], n_params)
