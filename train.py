@@ -130,16 +130,20 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
         print(f"starting at step 0 ({why})", flush=True)
     if start_step >= t_cfg.max_steps:
         if world.is_main:
-            print(f"nothing to train: the run is already at step {start_step}, train.max_steps is "
-                  f"{t_cfg.max_steps} (raise train.max_steps to continue it)", flush=True)  # fmt: skip
+            print(
+                f"nothing to train: the run is already at step {start_step}, train.max_steps is "
+                f"{t_cfg.max_steps} (raise train.max_steps to continue it)",
+                flush=True,
+            )
         metrics.close()
         return [], engine, ema
     batches = iter(data)  # after load: the stream continues where the checkpoint's left off
     micro, accum, ws = t_cfg.micro_batch_size, t_cfg.gradient_accumulation_steps, world.world_size
     latent_shape = (cfg.data.num_frames, cfg.model.in_channels, cfg.data.latent_size, cfg.data.latent_size)
     # (t, noise, condition dropout) of each sample from (seed, step, its index in the global batch)
-    draws = TrainingDraws(t_cfg.seed, diffusion.num_timesteps, latent_shape, world.device,
-                          conditioning.dropout_prob)  # fmt: skip
+    draws = TrainingDraws(
+        t_cfg.seed, diffusion.num_timesteps, latent_shape, world.device, conditioning.dropout_prob
+    )
     interval_loss = torch.zeros((), device=world.device)  # the sum of this rank's losses since the last log
     history: list[float] = []
 
@@ -185,11 +189,9 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
         if metrics.should_log(done):
             history.append(mean_loss_since(metrics.interval_start, done))
             grad_norm = engine.get_global_grad_norm()
-            metrics.log_step(done, {
-                "train/loss": history[-1],
-                "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "train/lr": engine.get_lr()[0],
-            })  # fmt: skip
+            lr = engine.get_lr()[0]
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            metrics.log_step(done, {"train/loss": history[-1], "train/grad_norm": grad_norm, "train/lr": lr})
             interval_loss.zero_()
         saved = checkpoints.due(done)
         if saved:
@@ -254,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss {history[0]:.4f} (first interval) -> {history[-1]:.4f} (last interval)", flush=True)
     if world.is_main and stop.stopped_at is not None:  # the last line, whatever the launcher's exit code
         why, at = stop.received, stop.stopped_at
-        print(f"stopped on request ({why}; exit {EXIT_PREEMPTED}: requeue, the next run resumes with "
-              f"train.resume=auto); checkpoint written at step {at}", flush=True)  # fmt: skip
+        print(
+            f"stopped on request ({why}; exit {EXIT_PREEMPTED}: requeue, the next run resumes with "
+            f"train.resume=auto); checkpoint written at step {at}",
+            flush=True,
+        )
     torch.distributed.destroy_process_group()
     return EXIT_PREEMPTED if stop.stopped_at is not None else 0
 

@@ -86,9 +86,20 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
     from latte.engine import setup_distributed
     from latte.training import build_training
 
-    cfg = load_config(None, [f"model.name={model}", "model.num_classes=101", "data.num_frames=16",
-                             "data.image_size=256", "train.micro_batch_size=1", f"train.zero_stage={zero}",
-                             f"train.ckpt_dir={ckpt_dir}", "train.keep_last=10", "train.seed=0"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model}",
+            "model.num_classes=101",
+            "data.num_frames=16",
+            "data.image_size=256",
+            "train.micro_batch_size=1",
+            f"train.zero_stage={zero}",
+            f"train.ckpt_dir={ckpt_dir}",
+            "train.keep_last=10",
+            "train.seed=0",
+        ],
+    )
     world = setup_distributed(cfg)
     training = build_training(cfg, world)
     engine, ema, diffusion = training.engine, training.ema, training.diffusion
@@ -120,8 +131,16 @@ def rank_main(model: str, zero: str, ckpt_dir: str) -> dict[str, float]:
     save_s, load_s = min(t for t, _ in saves), min(t for t, _ in loads)
     write_s, read_s = min(writes), min(reads)
     torch.distributed.destroy_process_group()
-    return {"save": save_s, "write": write_s, "load": load_s, "read": read_s, "bytes": total,
-            "written": written, "read_bytes": read, "ema": ema.local_bytes() / full_ema_bytes}  # fmt: skip
+    return {
+        "save": save_s,
+        "write": write_s,
+        "load": load_s,
+        "read": read_s,
+        "bytes": total,
+        "written": written,
+        "read_bytes": read,
+        "ema": ema.local_bytes() / full_ema_bytes,
+    }
 
 
 def main() -> None:
@@ -154,8 +173,10 @@ def main() -> None:
         ema = " / ".join(f"{x['ema']:.3f}" for x in results)
         save, load = r["save"] / r["write"], r["load"] / r["read"]
         io = " / ".join(f"{x['written'] / 1e6:.0f}/{x['read_bytes'] / 1e6:.0f}" for x in results)
-        print(f"| {zero} | {world} | {r['bytes'] / 1e6:.0f} | {io} | {r['save']:.2f} | {r['write']:.2f} | "
-              f"{save:.1f}x | {r['load']:.2f} | {r['read']:.2f} | {load:.1f}x | {ema} |")  # fmt: skip
+        print(
+            f"| {zero} | {world} | {r['bytes'] / 1e6:.0f} | {io} | {r['save']:.2f} | {r['write']:.2f} | "
+            f"{save:.1f}x | {r['load']:.2f} | {r['read']:.2f} | {load:.1f}x | {ema} |"
+        )
 
 
 if __name__ == "__main__":

@@ -125,13 +125,17 @@ def report(rows: list[tuple]) -> None:
     flops, need = h100_need()
     # conservative: the slowest per-CPU rate of a run with workers (worker -> main transfer included)
     per_core = min((r[7] for r in rows if r[7] is not None and r[2] != 0), default=rows[-1][7])
-    print(f"\nOne H100 training Latte-XL/2 (16 x 32 x 32 latents, {flops / 1e12:.1f} TFLOP per sample) at "
-          f"{MFU:.0%} of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s consumes {need:.1f} samples/s "
-          f"(5x: {5 * need:.0f}).")  # fmt: skip
+    print(
+        f"\nOne H100 training Latte-XL/2 (16 x 32 x 32 latents, {flops / 1e12:.1f} TFLOP per sample) at "
+        f"{MFU:.0%} of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s consumes {need:.1f} samples/s "
+        f"(5x: {5 * need:.0f})."
+    )
     for cores in (1, 4, 8, 12):
         rate = cores * per_core
-        print(f"  loader on {cores:>2} cores per GPU at {per_core:.0f} samples/CPU-s: "
-              f"{rate:.0f} samples/s = {rate / need:.0f}x one H100's need")  # fmt: skip
+        print(
+            f"  loader on {cores:>2} cores per GPU at {per_core:.0f} samples/CPU-s: "
+            f"{rate:.0f} samples/s = {rate / need:.0f}x one H100's need"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         local = str(Path(tmp, "local"))
         index = make_dataset(local, [args.samples_per_shard] * args.shards, latent_shape=shape)
         size = sum(s.bytes for s in index.shards)
-        print(f"dataset: {args.shards} shards x {args.samples_per_shard} samples of {shape} float16, "
-              f"{size / 1e6:.0f} MB ({size / index.num_samples / 1e3:.0f} KB a sample); batch {args.batch}, "
-              f"shuffle window {args.buffer}; {os.cpu_count()} CPUs", flush=True)  # fmt: skip
+        print(
+            f"dataset: {args.shards} shards x {args.samples_per_shard} samples of {shape} float16, "
+            f"{size / 1e6:.0f} MB ({size / index.num_samples / 1e3:.0f} KB a sample); batch {args.batch}, "
+            f"shuffle window {args.buffer}; {os.cpu_count()} CPUs",
+            flush=True,
+        )
         if "local" in args.backends:
             rows += measure("local", storage.join(local, "index.json"), args)
         if "s3" in args.backends:

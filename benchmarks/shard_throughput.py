@@ -48,10 +48,17 @@ def bare_encode_seconds(job, decoded: list[torch.Tensor]) -> float:
 
 def make_job(root: Path, out: str, workers: int, args: argparse.Namespace):
     """A prepared single-task job over ``root/videos`` with the tiny VAE, writing to ``out``."""
-    options = {"--input": root / "videos", "--output": out, "--vae": root / "vae", "--device": args.device,
-               "--num-frames": args.num_frames, "--frame-interval": args.frame_interval,
-               "--clips-per-video": args.clips_per_video, "--image-size": args.image_size,
-               "--workers": workers}  # fmt: skip
+    options = {
+        "--input": root / "videos",
+        "--output": out,
+        "--vae": root / "vae",
+        "--device": args.device,
+        "--num-frames": args.num_frames,
+        "--frame-interval": args.frame_interval,
+        "--clips-per-video": args.clips_per_video,
+        "--image-size": args.image_size,
+        "--workers": workers,
+    }
     argv = [x for k, v in options.items() for x in (k, str(v))] + ["--no-progress", "--no-merge"]
     return prepare(build_parser().parse_args(argv))
 
@@ -96,9 +103,11 @@ def main() -> None:
                 assert summary.clips == clips, (summary.clips, clips)
                 rates[str(workers)].append(summary.clips / summary.seconds)
     best = {name: max(values) for name, values in rates.items()}
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, image size {args.image_size}, "
-          f"{args.num_frames} frames x interval {args.frame_interval}, "
-          f"{args.clips_per_video} clips/video\n")  # fmt: skip
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, image size {args.image_size}, "
+        f"{args.num_frames} frames x interval {args.frame_interval}, "
+        f"{args.clips_per_video} clips/video\n"
+    )
     print(f"decode + resize alone (serial, in this process): {clips / decode_seconds:.2f} clips/s\n")
     print(f"| run | decode workers | clips | clips/s (best of {args.repeats}) | ratio vs bare encode |")
     print("|---|---|---|---|---|")

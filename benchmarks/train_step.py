@@ -63,10 +63,15 @@ def timed(step_fn, steps: int, warmup: int, device: torch.device) -> float:
 def main() -> None:
     args = parse_args()
     overrides = [
-        f"model.name={args.model}", "model.num_classes=101", f"model.attention={args.attention}",
-        f"data.num_frames={args.frames}", f"data.image_size={args.latent * 8}", "train.clip_start_step=0",
-        f"train.micro_batch_size={args.batch}", f"train.precision={args.precision}",
-    ]  # fmt: skip
+        f"model.name={args.model}",
+        "model.num_classes=101",
+        f"model.attention={args.attention}",
+        f"data.num_frames={args.frames}",
+        f"data.image_size={args.latent * 8}",
+        "train.clip_start_step=0",
+        f"train.micro_batch_size={args.batch}",
+        f"train.precision={args.precision}",
+    ]
     cfg = load_config(None, overrides)
     world = setup_distributed(cfg)
     dev = world.device
@@ -114,8 +119,10 @@ def main() -> None:
     flops = flops_per_sample(resolved_arch(cfg), args.frames, args.latent).training
     peak, name = peak_flops(dev, args.precision)
     shape = f"({args.batch}, {args.frames}, 4, {args.latent}, {args.latent})"
-    print(f"\n{args.model}, x = {shape}, {args.precision}, attention {args.attention}, device {name}, "
-          f"torch {torch.__version__}, median of {args.steps}")  # fmt: skip
+    print(
+        f"\n{args.model}, x = {shape}, {args.precision}, attention {args.attention}, device {name}, "
+        f"torch {torch.__version__}, median of {args.steps}"
+    )
     print("| step | ms | ratio vs bare | samples/s | MFU |")
     print("|---|---|---|---|---|")
     base = rows[0][1]

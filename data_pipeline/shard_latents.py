@@ -147,9 +147,11 @@ class Summary:
 
     def line(self, task: int, num_tasks: int) -> str:
         rate = self.rate
-        return (f"shard_latents task {task}/{num_tasks}: videos ok {self.videos_ok}, failed "
-                f"{self.videos_failed}; clips {self.clips}; shards written {self.shards}, skipped as done "
-                f"{self.shards_skipped}; {rate:.2f} clips/s in {self.seconds:.1f} s")  # fmt: skip
+        return (
+            f"shard_latents task {task}/{num_tasks}: videos ok {self.videos_ok}, failed "
+            f"{self.videos_failed}; clips {self.clips}; shards written {self.shards}, skipped as done "
+            f"{self.shards_skipped}; {rate:.2f} clips/s in {self.seconds:.1f} s"
+        )
 
 
 @dataclass
@@ -176,10 +178,15 @@ class Job:
     @cached_property
     def facts(self) -> DatasetFacts:
         spec = self.spec
-        return DatasetFacts(vae=self.vae_id, scaling_factor=self.encoder.scaling_factor,
-                            latent_shape=self.encoder.latent_shape(spec.num_frames, spec.image_size),
-                            num_frames=spec.num_frames, frame_interval=spec.frame_interval,
-                            image_size=spec.image_size, classes=list(self.classes))  # fmt: skip
+        return DatasetFacts(
+            vae=self.vae_id,
+            scaling_factor=self.encoder.scaling_factor,
+            latent_shape=self.encoder.latent_shape(spec.num_frames, spec.image_size),
+            num_frames=spec.num_frames,
+            frame_interval=spec.frame_interval,
+            image_size=spec.image_size,
+            classes=list(self.classes),
+        )
 
     @cached_property
     def order(self) -> list[VideoInput]:
@@ -200,10 +207,18 @@ class Job:
     def settings(self) -> dict:
         """What makes two runs the same job (kept in DST/job.json; device, dtype, workers may change)."""
         listing = hashlib.sha256(json.dumps([(v.path, v.label) for v in self.inputs]).encode()).hexdigest()
-        return {"format": JOB_FORMAT, "inputs": len(self.inputs), "inputs_sha256": listing,
-                "num_tasks": self.num_tasks, "videos_per_shard": self.videos_per_shard, "seed": self.seed,
-                "prefix": self.prefix, "clips_per_video": self.spec.clips_per_video, "flip": self.flip,
-                "facts": dataclasses.asdict(self.facts)}  # fmt: skip
+        return {
+            "format": JOB_FORMAT,
+            "inputs": len(self.inputs),
+            "inputs_sha256": listing,
+            "num_tasks": self.num_tasks,
+            "videos_per_shard": self.videos_per_shard,
+            "seed": self.seed,
+            "prefix": self.prefix,
+            "clips_per_video": self.spec.clips_per_video,
+            "flip": self.flip,
+            "facts": dataclasses.asdict(self.facts),
+        }
 
     def failures(self, done: Done) -> list[dict[str, str]]:
         """The failures of the finished chunks, in input order."""
@@ -220,8 +235,10 @@ def check_job_record(job: Job) -> None:
     recorded = json.loads(storage.read_bytes(url))
     differ = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
     if differ:
-        raise JobError(f"'{job.output}' holds a different job (differs in: {', '.join(differ)}); "
-                       "use a new output or remove the old one")  # fmt: skip
+        raise JobError(
+            f"'{job.output}' holds a different job (differs in: {', '.join(differ)}); "
+            "use a new output or remove the old one"
+        )
 
 
 def _remove_stale_temps(job: Job) -> None:
@@ -242,8 +259,16 @@ def run_task(job: Job) -> Summary:
     summary = Summary(shards_skipped=sum(shard is not None for shard, _ in done.values()))
     todo = [c for c in range(len(chunks)) if c not in done]
     total, skipped = sum(map(len, chunks)), sum(len(chunks[c]) for c in done)
-    log.info("task %d/%d: %d videos in %d shards, %d done before; %s %s", job.task, job.num_tasks, total,
-             len(chunks), summary.shards_skipped, job.vae_id, job.encoder)  # fmt: skip
+    log.info(
+        "task %d/%d: %d videos in %d shards, %d done before; %s %s",
+        job.task,
+        job.num_tasks,
+        total,
+        len(chunks),
+        summary.shards_skipped,
+        job.vae_id,
+        job.encoder,
+    )
     _remove_stale_temps(job)
     if not chunks:  # more tasks than inputs: an empty part still tells the merge that this task is done
         save_index(DatasetIndex(job.facts), part_url(job.output, job.task))
@@ -306,8 +331,13 @@ def maybe_merge(job: Job) -> bool:
         log.info("tasks %s of %d are not finished; when they are, run: %s", missing[:10], job.num_tasks, hint)
         return False
     index = merge_parts(job.output, job.num_tasks)
-    log.info("index: %s (%d samples in %d shards, %d failed inputs)", storage.join(job.output, "index.json"),
-             index.num_samples, len(index.shards), len(index.failed))  # fmt: skip
+    log.info(
+        "index: %s (%d samples in %d shards, %d failed inputs)",
+        storage.join(job.output, "index.json"),
+        index.num_samples,
+        len(index.shards),
+        len(index.failed),
+    )
     return True
 
 
@@ -376,8 +406,16 @@ def task_from_env(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    at_least = {"num_frames": 1, "frame_interval": 1, "clips_per_video": 1, "image_size": 1, "vae_batch": 1,
-                "decode_threads": 1, "samples_per_shard": 1, "workers": 0}  # fmt: skip
+    at_least = {
+        "num_frames": 1,
+        "frame_interval": 1,
+        "clips_per_video": 1,
+        "image_size": 1,
+        "vae_batch": 1,
+        "decode_threads": 1,
+        "samples_per_shard": 1,
+        "workers": 0,
+    }
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:
@@ -421,10 +459,24 @@ def prepare(args: argparse.Namespace) -> Job:
     per_video = args.clips_per_video * (2 if args.flip else 1)
     per_shard = args.samples_per_shard or max(1, SHARD_BYTES // (4 * int(np.prod(shape)) + 4096))
     spec = ClipSpec(args.num_frames, args.frame_interval, args.clips_per_video, args.image_size)
-    job = Job(inputs, classes, args.output, encoder, spec, args.flip, task, num_tasks,
-              videos_per_shard=max(1, per_shard // per_video), seed=None if args.sorted else args.seed,
-              prefix=args.prefix, vae_id=args.vae, workers=args.workers, decode_threads=args.decode_threads,
-              tmp_dir=args.tmp_dir, progress=not args.no_progress)  # fmt: skip
+    job = Job(
+        inputs,
+        classes,
+        args.output,
+        encoder,
+        spec,
+        args.flip,
+        task,
+        num_tasks,
+        videos_per_shard=max(1, per_shard // per_video),
+        seed=None if args.sorted else args.seed,
+        prefix=args.prefix,
+        vae_id=args.vae,
+        workers=args.workers,
+        decode_threads=args.decode_threads,
+        tmp_dir=args.tmp_dir,
+        progress=not args.no_progress,
+    )
     check_job_record(job)
     return job
 
@@ -440,10 +492,18 @@ def fan_out(args: argparse.Namespace, argv: list[str], devices: list[str]) -> in
     task, num_tasks = task_from_env(args)
     width = len(devices)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "data_pipeline.shard_latents", *argv, "--no-merge",
-                          *_sub_task_args(device, task * width + j, num_tasks * width)])
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "data_pipeline.shard_latents",
+                *argv,
+                "--no-merge",
+                *_sub_task_args(device, task * width + j, num_tasks * width),
+            ]
+        )
         for j, device in enumerate(devices)
-    ]  # fmt: skip
+    ]
     code = max(p.wait() for p in procs)
     if code == 0 and not args.no_merge:
         last = _sub_task_args("cpu", num_tasks * width - 1, num_tasks * width)

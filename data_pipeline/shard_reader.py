@@ -138,8 +138,14 @@ def split_name(name: str) -> tuple[str | None, str]:
 class ShardReader:
     """Samples of one shard in order, with reopen-and-continue on transient storage errors."""
 
-    def __init__(self, url: str, stats: Counter, retries: int = 8, backoff: float = 0.5,
-                 suffixes: frozenset[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        stats: Counter,
+        retries: int = 8,
+        backoff: float = 0.5,
+        suffixes: frozenset[str] | None = None,
+    ) -> None:
         self.url = url
         self.suffixes = suffixes  # the members to read (None = all); the others are skipped
         self.stats = stats

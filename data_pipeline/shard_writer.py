@@ -89,10 +89,17 @@ def clip_samples(
     samples = []
     for s in range(mean.shape[0]):
         clip, flipped = divmod(s, 2) if flip else (s, 0)
-        meta = {"source": video.path, "input_index": video.position, "clip": clip, "fps": clips.fps,
-                "frame_indices": clips.frame_indices[clip], "frame_interval": clips.frame_interval,
-                "num_video_frames": clips.total_frames, "original_size": list(clips.original_size),
-                "flipped": bool(flipped)}  # fmt: skip
+        meta = {
+            "source": video.path,
+            "input_index": video.position,
+            "clip": clip,
+            "fps": clips.fps,
+            "frame_indices": clips.frame_indices[clip],
+            "frame_interval": clips.frame_interval,
+            "num_video_frames": clips.total_frames,
+            "original_size": list(clips.original_size),
+            "flipped": bool(flipped),
+        }
         key = f"{video.position:08d}_c{clip:02d}" + ("_flip" if flipped else "")
         sample = {"__key__": key, "latent.npy": npy_bytes(mean[s]), "latent_std.npy": npy_bytes(std[s])}
         if video.label is not None:

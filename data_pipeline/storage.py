@@ -22,8 +22,13 @@ from latte.errors import first_line
 from latte.files import atomic_write
 
 _local = threading.local()
-_CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_PROFILE")  # fmt: skip
+_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_PROFILE",
+)
 
 
 class StorageError(RuntimeError):
@@ -39,9 +44,20 @@ class StorageError(RuntimeError):
 
 # S3 error codes that no retry cures.
 PERMANENT_S3_CODES = frozenset(
-    {"404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-     "Forbidden", "400", "InvalidRange", "416"}
-)  # fmt: skip
+    {
+        "404",
+        "NoSuchKey",
+        "NoSuchBucket",
+        "403",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "Forbidden",
+        "400",
+        "InvalidRange",
+        "416",
+    }
+)
 
 
 def is_s3(url: str) -> bool:
@@ -206,7 +222,6 @@ def open_read(url: str, offset: int = 0) -> BinaryIO:
         raise StorageError(f"cannot read '{url}': {exc.strerror or exc}") from None
     f.seek(offset)
     return f
-
 
 
 def _publish_local(url: str, fill) -> None:

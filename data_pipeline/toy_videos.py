@@ -21,8 +21,12 @@ from pathlib import Path
 import numpy as np
 
 # container extension -> encoders to try, best first (the av wheel ships libx264, mpeg4 and libvpx-vp9)
-_CODECS = {".mp4": ("libx264", "mpeg4"), ".mkv": ("libx264", "mpeg4"), ".avi": ("mpeg4",),
-           ".webm": ("libvpx-vp9", "libvpx")}  # fmt: skip
+_CODECS = {
+    ".mp4": ("libx264", "mpeg4"),
+    ".mkv": ("libx264", "mpeg4"),
+    ".avi": ("mpeg4",),
+    ".webm": ("libvpx-vp9", "libvpx"),
+}
 MARKER = 8  # side of the frame-index marker block, pixels
 MARKER_STEP = 10  # grey levels per frame index: index i is drawn at level 8 + 10 * i (i <= 24)
 

@@ -122,8 +122,10 @@ def list_inputs(src: str) -> tuple[list[VideoInput], list[str]]:
     """
     if src.lower().endswith((".csv", ".jsonl")):
         base = posixpath.dirname(src) if storage.is_s3(src) else str(Path(src).parent)
-        rows = [(p if storage.is_s3(p) or os.path.isabs(p) else storage.join(base, p), label)
-                for p, label in _manifest_rows(src)]  # fmt: skip
+        rows = [
+            (p if storage.is_s3(p) or os.path.isabs(p) else storage.join(base, p), label)
+            for p, label in _manifest_rows(src)
+        ]
         return _numbered(rows, src, integer_labels=True)
     if not storage.is_s3(src) and not Path(src).is_dir():
         raise InputError(f"input '{src}' is not a directory or a .csv/.jsonl manifest")

@@ -200,8 +200,16 @@ def make_universal(step_dir: Path) -> Path:
         return out
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
-           "--output_folder", str(tmp), "--inject_missing_state"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(step_dir),
+        "--output_folder",
+        str(tmp),
+        "--inject_missing_state",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -301,8 +309,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if isinstance(cuda, (list, tuple)):  # written before issue 12: one state per visible GPU
         index = torch.cuda.current_device()
         if index >= len(cuda):
-            print(f"warning: the checkpoint holds CUDA RNG states of {len(cuda)} GPUs, none for this rank's "
-                  f"device {index}; its CUDA RNG is not restored", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"warning: the checkpoint holds CUDA RNG states of {len(cuda)} GPUs, none for this rank's "
+                f"device {index}; its CUDA RNG is not restored",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         cuda = cuda[index]
     torch.cuda.set_rng_state(cuda)
@@ -432,8 +444,9 @@ class CheckpointManager:
         extra states from ``path``; returns the step to continue from."""
         engine, ema, data = state.engine, state.ema, state.data
         ds_tag = universal_dir(path).name if self.reshard else path.name
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=ds_tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)  # fmt: skip
+        load_path, _ = engine.load_checkpoint(
+            str(path.parent), tag=ds_tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state in {path.parent / ds_tag}")
         ema.refresh_masters()  # the EMA reads the master weights through views: look them up again
@@ -498,7 +511,9 @@ class CheckpointManager:
             t = self.cfg.train
             meta = {
                 "step": step,
-                "samples_seen": step * t.micro_batch_size * t.gradient_accumulation_steps
+                "samples_seen": step
+                * t.micro_batch_size
+                * t.gradient_accumulation_steps
                 * self.world.world_size,
                 "world_size": self.world.world_size,
                 "zero_stage": t.zero_stage,
@@ -507,13 +522,16 @@ class CheckpointManager:
                 "run_dir": run_dir.name if run_dir else None,
                 "dataset": dataset_record(self.cfg, data),  # the VAE and scaling factor of the latents
                 "config": self.cfg.to_dict(),
-            }  # fmt: skip
+            }
             _write_text(step_dir / META, json.dumps(meta, indent=1))
         self._barrier()  # every rank's files are written
         checksums = self._checksums(step_dir)  # each rank reads its share back (from the page cache)
         if self.world.is_main:
-            files = {str(p.relative_to(step_dir)): p.stat().st_size
-                     for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != MARKER}  # fmt: skip
+            files = {
+                str(p.relative_to(step_dir)): p.stat().st_size
+                for p in sorted(step_dir.rglob("*"))
+                if p.is_file() and p.name != MARKER
+            }
             _write_text(step_dir / MARKER, json.dumps({"files": files, "crc32": checksums}, indent=1))
             _write_text(self.dir / "latest", step_dir.name)
             prune(self.dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
@@ -535,10 +553,12 @@ class CheckpointManager:
         pointer = self.dir / "latest"
         latest = pointer.read_text().strip() if pointer.is_file() else "none yet"
         keep = self.cfg.train.keep_last
-        return (f"no space left on {self.dir} while writing checkpoint {step_dir.name} ({free:.0f} MiB "
-                f"free): nothing was lost (latest is still {latest}); free space there, lower "
-                f"train.keep_last ({keep}: old checkpoints are pruned only after a save succeeds), or point "
-                f"train.ckpt_dir at a larger file system, then resume")  # fmt: skip
+        return (
+            f"no space left on {self.dir} while writing checkpoint {step_dir.name} ({free:.0f} MiB "
+            f"free): nothing was lost (latest is still {latest}); free space there, lower "
+            f"train.keep_last ({keep}: old checkpoints are pruned only after a save succeeds), or point "
+            f"train.ckpt_dir at a larger file system, then resume"
+        )
 
     def close(self) -> None:
         """The run is over (finished, stopped or failed): let the next run claim the directory."""

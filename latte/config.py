@@ -420,8 +420,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
     if not 0.0 <= cfg.train.ema_decay <= 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1], got {cfg.train.ema_decay}")
-    for key in ("train.lr", "train.weight_decay", "train.clip_max_norm", "train.ema_decay",
-                "model.class_dropout_prob", "sample.cfg_scale", "sample.eta"):  # fmt: skip
+    for key in (
+        "train.lr",
+        "train.weight_decay",
+        "train.clip_max_norm",
+        "train.ema_decay",
+        "model.class_dropout_prob",
+        "sample.cfg_scale",
+        "sample.eta",
+    ):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if not math.isfinite(value):

@@ -176,8 +176,10 @@ class ShardedEMA:
             raise ValueError(f"EMA state does not match this rank's shard layout (e.g. {missing[:3]})")
         for s in self.shards:
             if shards[s.name].shape != s.ema.shape:
-                raise ValueError(f"EMA shard '{s.name}' has shape {tuple(shards[s.name].shape)}, "
-                                 f"expected {tuple(s.ema.shape)}")  # fmt: skip
+                raise ValueError(
+                    f"EMA shard '{s.name}' has shape {tuple(shards[s.name].shape)}, "
+                    f"expected {tuple(s.ema.shape)}"
+                )
             s.ema.copy_(shards[s.name])  # the decay stays the config's (the saved one is informational)
 
 

@@ -166,9 +166,12 @@ def build_engine(cfg: Config, model: torch.nn.Module, world: World, load_univers
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), weight_decay=cfg.train.weight_decay,
+        params,
+        lr=cfg.train.lr,
+        betas=tuple(cfg.train.adam_betas),
+        weight_decay=cfg.train.weight_decay,
         fused=fused_adamw(world.device, ds_config),
-    )  # fmt: skip
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(cfg, step))
     try:
         engine, _, _, _ = deepspeed.initialize(
@@ -183,8 +186,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, world: World, load_univers
             raise
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "?"
-        raise ConfigError(f"DeepSpeed config '{ds_config_path(cfg.train.zero_stage)}': {where}: "
-                          f"{first.get('msg', exc)}") from None  # fmt: skip
+        raise ConfigError(
+            f"DeepSpeed config '{ds_config_path(cfg.train.zero_stage)}': {where}: {first.get('msg', exc)}"
+        ) from None
     return engine
 
 
@@ -208,8 +212,12 @@ def apply_optimizer_config(engine, cfg: Config, step: int) -> None:
     if scheduler is not None:
         scheduler.base_lrs = [t.lr] * len(scheduler.base_lrs)
     for group in engine.optimizer.param_groups:
-        group.update(lr=t.lr * lr_multiplier(cfg, step), initial_lr=t.lr, betas=tuple(t.adam_betas),
-                     weight_decay=t.weight_decay)  # fmt: skip
+        group.update(
+            lr=t.lr * lr_multiplier(cfg, step),
+            initial_lr=t.lr,
+            betas=tuple(t.adam_betas),
+            weight_decay=t.weight_decay,
+        )
 
 
 def set_grad_clip(engine, max_norm: float) -> None:

@@ -23,8 +23,9 @@ from latte import checkpoint as ckpt
 from latte.files import atomic_write
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
-           ema_only: bool = False) -> Path:  # fmt: skip
+def export(
+    source: str | os.PathLike, out: str | os.PathLike, step: int | None = None, ema_only: bool = False
+) -> Path:
     """Write checkpoint ``source`` (a step dir, or a checkpoint dir + ``step`` / its newest) to ``out``."""
     source, out = Path(source), Path(out)
     if out.suffix not in (".pt", ".safetensors"):
@@ -41,8 +42,11 @@ def export(source: str | os.PathLike, out: str | os.PathLike, step: int | None =
 
         flat = {f"{part}.{k}": v for part, sd in weights.items() for k, v in sd.items()}
         meta = json.loads((step_dir / ckpt.META).read_text())
-        info = {"step": str(meta["step"]), "config_hash": meta["config_hash"],
-                "model": meta["config"]["model"]["name"]}  # fmt: skip
+        info = {
+            "step": str(meta["step"]),
+            "config_hash": meta["config_hash"],
+            "model": meta["config"]["model"]["name"],
+        }
         flat = weights["ema"] if ema_only else flat
         atomic_write(out, lambda tmp: save_file(flat, str(tmp), metadata=info))
     return step_dir

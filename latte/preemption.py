@@ -101,8 +101,11 @@ class StopFlag:
     def _request(self, why: str, code: int) -> None:
         if self.received is None:
             if self.armed:
-                print(f"{why}: stopping at the next step boundary with a checkpoint", file=sys.stderr,
-                      flush=True)  # fmt: skip
+                print(
+                    f"{why}: stopping at the next step boundary with a checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.received, self._code = why, code
 
     def arm(self) -> None:
@@ -111,8 +114,12 @@ class StopFlag:
         are recorded silently (that rank is ending anyway)."""
         self.armed = True
         if self.received is not None:
-            print(f"{self.received} before training started: stopping at the first step boundary with a "
-                  f"checkpoint", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{self.received} before training started: stopping at the first step boundary with a "
+                f"checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def agreed(self) -> bool:
         """True on every rank once any rank has received a stop signal or lost its launcher. A collective:
@@ -129,6 +136,9 @@ class StopFlag:
         code = int(local.item())
         self.requested = code > 0
         if self.requested and self.received is None:  # another rank's request: say what it was
-            self.received = "another rank's launcher exited" if code == ORPHANED else (
-                f"received {signal.Signals(code).name}")  # fmt: skip
+            self.received = (
+                "another rank's launcher exited"
+                if code == ORPHANED
+                else (f"received {signal.Signals(code).name}")
+            )
         return self.requested

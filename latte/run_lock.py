@@ -74,8 +74,14 @@ def _alive(holder: Holder) -> bool:
 
 
 def me() -> Holder:
-    return Holder(socket.gethostname(), os.getpid(), _process_start(os.getpid()),
-                  os.environ.get("SLURM_JOB_ID"), uuid.uuid4().hex, time.time())  # fmt: skip
+    return Holder(
+        socket.gethostname(),
+        os.getpid(),
+        _process_start(os.getpid()),
+        os.environ.get("SLURM_JOB_ID"),
+        uuid.uuid4().hex,
+        time.time(),
+    )
 
 
 def _read(path: Path) -> Holder | None:
@@ -147,8 +153,9 @@ class RunLock:
             now_held = _read(self.path)
             if now_held is None or now_held.token != self.holder.token:
                 holder = now_held.describe(time.time()) if now_held else "?"
-                raise LockError(f"checkpoint directory {self.path.parent} was just claimed by another run "
-                                f"({holder})")  # fmt: skip
+                raise LockError(
+                    f"checkpoint directory {self.path.parent} was just claimed by another run ({holder})"
+                )
             self.took_over = f"took over the lock of {other.describe(now)}: {reason}"
             break
         else:

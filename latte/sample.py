@@ -59,11 +59,20 @@ FLAGS = {  # flag -> the config key it sets
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="a checkpoint dir (its newest complete step), a step_XXXXXXXX dir, or "
-                   "an exported .pt / .safetensors (then --config is needed)")  # fmt: skip
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint dir (its newest complete step), a step_XXXXXXXX dir, or "
+        "an exported .pt / .safetensors (then --config is needed)",
+    )
     p.add_argument("--config", help="YAML config (default: the one saved in the checkpoint's meta.json)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override config values, e.g. --set model.attention=sdpa")  # fmt: skip
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values, e.g. --set model.attention=sdpa",
+    )
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or the raw model weights")
     p.add_argument("--vae", help="diffusers AutoencoderKL: local dir or hub id (default: the dataset's VAE)")
     p.add_argument("--out", default="samples", help="output directory (default: ./samples)")
@@ -77,8 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="model compute (fp16: GPU only)")
     p.add_argument("--batch-size", type=int, help="samples per forward pass on a rank")
     p.add_argument("--fps", type=int, help="frame rate of the videos")
-    p.add_argument("--total-frames", type=int, help="frames per video; beyond the model's clip length the "
-                   "video is extended clip by clip")  # fmt: skip
+    p.add_argument(
+        "--total-frames",
+        type=int,
+        help="frames per video; beyond the model's clip length the video is extended clip by clip",
+    )
     p.add_argument("--overlap", type=int, help="latent frames each clip shares with the previous one")
     p.add_argument("--save-latents", action="store_true", help="also write the latents as .npy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -166,8 +178,10 @@ def load_decoder(
     vae_id, vae_from = decoding.choose_vae(args.vae, facts, recorded)
     vae, _ = load_autoencoder(vae_id, device, cfg.sample.precision if device.type == "cuda" else "fp32")
     if vae.config.latent_channels != cfg.model.in_channels:
-        raise VaeError(f"the VAE '{vae_id}' has {vae.config.latent_channels} latent channels, the model "
-                       f"{cfg.model.in_channels}")  # fmt: skip
+        raise VaeError(
+            f"the VAE '{vae_id}' has {vae.config.latent_channels} latent channels, the model "
+            f"{cfg.model.in_channels}"
+        )
     factor, factor_from = decoding.scaling_factor(cfg, facts, vae.config.scaling_factor, recorded)
     return Decoder(vae, vae_id, vae_from, factor, factor_from)
 
@@ -196,22 +210,27 @@ def run(args: argparse.Namespace) -> int:
     say(f"weights: {weights}")
     say(attention_line(cfg, device, DTYPES[cfg.sample.precision]))
     decoder = load_decoder(args, cfg, device, recorded)
-    say(f"VAE {decoder.vae_id} (from {decoder.vae_from}); scaling factor {decoder.factor:g} from "
-        f"{decoder.factor_from}")  # fmt: skip
+    say(
+        f"VAE {decoder.vae_id} (from {decoder.vae_from}); scaling factor {decoder.factor:g} from "
+        f"{decoder.factor_from}"
+    )
 
     diffusion = build_diffusion(cfg, sampling=True)
     s = cfg.sample
-    say(f"sampling {s.num_samples} videos of {total_frames(cfg)} frames on {ranks.world_size} rank(s) "
+    say(
+        f"sampling {s.num_samples} videos of {total_frames(cfg)} frames on {ranks.world_size} rank(s) "
         f"({device}): {sampler_of(cfg)}, steps {cfg.diffusion.sampling_steps}, cfg scale {s.cfg_scale:g}, "
-        f"seed {s.seed}")  # fmt: skip
+        f"seed {s.seed}"
+    )
     start_group(ranks)  # every check has passed on every rank: nothing below is a user error
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     frames: dict[int, np.ndarray] = {}
     num_batches = len(batches_of(s.num_samples, s.batch_size, ranks.rank, ranks.world_size))
-    with Progress(num_batches * steps_per_batch(cfg, diffusion), ranks.is_main and not args.no_progress,
-                  "denoising") as bar:  # fmt: skip
+    with Progress(
+        num_batches * steps_per_batch(cfg, diffusion), ranks.is_main and not args.no_progress, "denoising"
+    ) as bar:
         mine = rank_samples(model, diffusion, cfg, ranks.rank, ranks.world_size, device, bar.update)
         for i, latent in mine:
             frames[i] = decoder(latent)  # (T, C, h, w) -> (T, H, W, 3) uint8
@@ -227,8 +246,10 @@ def run(args: argparse.Namespace) -> int:
         media.write_gif(out / "grid.gif", tiled, s.fps)
         _write_manifest(out, args, cfg, weights, decoder)
         t, h, w = next(iter(videos.values())).shape[:3]
-        say(f"wrote {len(videos)} videos ({t} frames, {w}x{h}, {s.fps} fps) and grid.mp4/gif to {out} "
-            f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+        say(
+            f"wrote {len(videos)} videos ({t} frames, {w}x{h}, {s.fps} fps) and grid.mp4/gif to {out} "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
     return 0
 
 
@@ -236,12 +257,23 @@ def _write_manifest(out: Path, args: argparse.Namespace, cfg: Config, weights: s
     """samples.json: what was sampled, from which weights, how; enough to reproduce any one sample."""
     conditioning = conditioning_of(cfg.model)
     manifest = {
-        "weights": weights, "config": cfg.to_dict(), "config_hash": cfg.hash(), "sampler": sampler_of(cfg),
-        "vae": decoder.vae_id, "scaling_factor": decoder.factor, "scaling_factor_from": decoder.factor_from,
-        "samples": [{"index": i, **conditioning.describe(cfg.sample, i), "video": f"sample_{i:04d}.mp4",
-                     "latents": f"sample_{i:04d}.npy" if args.save_latents else None}
-                    for i in range(cfg.sample.num_samples)],
-    }  # fmt: skip
+        "weights": weights,
+        "config": cfg.to_dict(),
+        "config_hash": cfg.hash(),
+        "sampler": sampler_of(cfg),
+        "vae": decoder.vae_id,
+        "scaling_factor": decoder.factor,
+        "scaling_factor_from": decoder.factor_from,
+        "samples": [
+            {
+                "index": i,
+                **conditioning.describe(cfg.sample, i),
+                "video": f"sample_{i:04d}.mp4",
+                "latents": f"sample_{i:04d}.npy" if args.save_latents else None,
+            }
+            for i in range(cfg.sample.num_samples)
+        ],
+    }
     atomic_write(out / "samples.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
 

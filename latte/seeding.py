@@ -60,8 +60,14 @@ class SampleDraws:
 class TrainingDraws:
     """Draws per global sample on ``device`` (generators are reused: re-seeding one costs no allocation)."""
 
-    def __init__(self, seed: int, num_timesteps: int, shape: tuple[int, ...], device: torch.device,
-                 drop_prob: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        seed: int,
+        num_timesteps: int,
+        shape: tuple[int, ...],
+        device: torch.device,
+        drop_prob: float = 0.0,
+    ) -> None:
         self.seed, self.num_timesteps, self.shape = seed, num_timesteps, tuple(shape)
         self.device, self.drop_prob = device, drop_prob
         self._generators: list[torch.Generator] = []

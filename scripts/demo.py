@@ -95,8 +95,11 @@ def stop_left_over(data_dir: Path) -> None:
     """Stop the S3 server an earlier demo into the same ``--out`` left running on ``data_dir`` (one killed
     with SIGKILL cannot stop it): it holds the data's lock, on which a new server exits with code 255."""
     flag = f"-dir={data_dir}"
-    left = [p for p in psutil.process_iter(["name", "cmdline"])
-            if p.info["name"] == "weed" and flag in (p.info["cmdline"] or ())]  # fmt: skip
+    left = [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if p.info["name"] == "weed" and flag in (p.info["cmdline"] or ())
+    ]
     for proc in left:
         print(f"    stopping the S3 server an earlier demo left running on {data_dir} (pid {proc.pid})")
     stop_processes(left, grace=15.0)
@@ -133,11 +136,27 @@ def train_stage(args, env: dict[str, str], index: str, out: Path, steps: int, re
     from latte.rendezvous import free_port
 
     ranks = torch.cuda.device_count() or 2
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), "train.py", "--config", "configs/tiny.yaml", "--set",
-           f"data.index={index}", f"train.max_steps={steps}", f"train.ckpt_every={args.steps // 2}",
-           "train.log_every=25", "train.zero_stage=2", f"train.results_dir={out / 'runs'}",
-           f"train.resume={resume}", *args.overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--set",
+        f"data.index={index}",
+        f"train.max_steps={steps}",
+        f"train.ckpt_every={args.steps // 2}",
+        "train.log_every=25",
+        "train.zero_stage=2",
+        f"train.results_dir={out / 'runs'}",
+        f"train.resume={resume}",
+        *args.overrides,
+    ]
     text = run(cmd, env, log)
     for line in text.splitlines():
         if re.search(r"step +\d+ \| loss|resumed from|starting at step", line):
@@ -178,18 +197,41 @@ def main() -> None:
             env.update(services.enter_context(local_s3(out)))
             latents = "s3://demo/latents"
         vae = args.vae or str(make_tiny_vae(out / "tiny_vae", downsample=8))
-        shard_cmd = [sys.executable, "-m", "data_pipeline.shard_latents", "--input", str(out / "videos"),
-                     "--output", latents, "--vae", vae, "--num-frames", "4", "--frame-interval", "3",
-                     "--clips-per-video", "4", "--image-size", "64", "--samples-per-shard", "24",
-                     "--workers", "1", "--no-progress"]  # fmt: skip
+        shard_cmd = [
+            sys.executable,
+            "-m",
+            "data_pipeline.shard_latents",
+            "--input",
+            str(out / "videos"),
+            "--output",
+            latents,
+            "--vae",
+            vae,
+            "--num-frames",
+            "4",
+            "--frame-interval",
+            "3",
+            "--clips-per-video",
+            "4",
+            "--image-size",
+            "64",
+            "--samples-per-shard",
+            "24",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
         summary = run(shard_cmd, env, out / "shard.log").strip().splitlines()[-1]
         print(f"[2/4] sharded into {latents} with VAE {vae}: {summary}", flush=True)
 
         index = f"{latents}/index.json"
         device = f"{gpus} GPU(s)" if gpus else "2 CPU ranks (gloo)"
         half = args.steps // 2
-        print(f"[3/4] training Latte-T/2 with DeepSpeed ZeRO-2 on {device}: steps 0-{half}, a checkpoint, "
-              f"then a new launch that resumes it to step {args.steps}", flush=True)  # fmt: skip
+        print(
+            f"[3/4] training Latte-T/2 with DeepSpeed ZeRO-2 on {device}: steps 0-{half}, a checkpoint, "
+            f"then a new launch that resumes it to step {args.steps}",
+            flush=True,
+        )
         first = train_stage(args, env, index, out, half, "none", out / "train_1.log")
         second = train_stage(args, env, index, out, args.steps, "auto", out / "train_2.log")
         losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", first + second)]
@@ -200,10 +242,28 @@ def main() -> None:
         latest = (ckpt / "latest").read_text().strip()
         print(f"[4/4] sampling with the EMA weights of {ckpt / latest}", flush=True)
         sample = [sys.executable, "-m", "latte.sample", str(ckpt), "--vae", vae, "--no-progress"]
-        run([*sample, "--out", str(samples), "--num-samples", "4", "--classes", "0,1,2,3"], env,
-            out / "sample.log")  # fmt: skip
-        run([*sample, "--out", str(samples / "long"), "--num-samples", "1", "--classes", "1",
-             "--total-frames", "16", "--overlap", "2"], env, out / "sample_long.log")  # fmt: skip
+        run(
+            [*sample, "--out", str(samples), "--num-samples", "4", "--classes", "0,1,2,3"],
+            env,
+            out / "sample.log",
+        )
+        run(
+            [
+                *sample,
+                "--out",
+                str(samples / "long"),
+                "--num-samples",
+                "1",
+                "--classes",
+                "1",
+                "--total-frames",
+                "16",
+                "--overlap",
+                "2",
+            ],
+            env,
+            out / "sample_long.log",
+        )
 
     run_dir = re.search(r"run dir (\S+)", first)
     print(

@@ -8,4 +8,5 @@ cd "$ROOT"
 PY="${LATTE_VENV:-$ROOT/.venv}/bin"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 "$PY/ruff" check .
-"$PY/python" -m pytest "$@"
+"$PY/ruff" format --check .
+"$PY/python" -m pytest --durations=15 "$@"

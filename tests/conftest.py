@@ -59,8 +59,10 @@ def slurm(tmp_path_factory):
 
     missing = missing_commands()
     if missing:
-        pytest.skip(f"SLURM TESTS SKIPPED: {', '.join(missing)} not installed; run scripts/install_slurm.sh "
-                    "as root (scripts/test.sh does)")  # fmt: skip
+        pytest.skip(
+            f"SLURM TESTS SKIPPED: {', '.join(missing)} not installed; run scripts/install_slurm.sh "
+            "as root (scripts/test.sh does)"
+        )
     if os.geteuid() != 0:
         pytest.skip("SLURM TESTS SKIPPED: the one-node test cluster runs slurmd as root")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))

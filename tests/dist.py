@@ -26,9 +26,13 @@ def free_ports(count: int, accept: Callable[[int], bool] = lambda port: True) ->
 
 def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-    )  # fmt: skip
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)  # two ranks on two cores
     result = fn(*args)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")

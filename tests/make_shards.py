@@ -36,8 +36,9 @@ def shard_name(prefix: str, shard: int) -> str:
     return f"{prefix}-{shard // SHARDS_PER_TASK:05d}-{shard % SHARDS_PER_TASK:06d}.tar"
 
 
-def write_shard(path: Path, first: int, count: int, shape: Sequence[int], classes: int, seed: int,
-                corrupt: set[int]) -> None:  # fmt: skip
+def write_shard(
+    path: Path, first: int, count: int, shape: Sequence[int], classes: int, seed: int, corrupt: set[int]
+) -> None:
     """Samples ``first .. first+count-1`` (keys ``clipNNNNNN``); ``corrupt`` holds sample numbers to spoil."""
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for n in range(first, first + count):
@@ -84,9 +85,15 @@ def make_dataset(
             storage.put_file(path, storage.join(root, name))
             first += count
     frames, _, size, _ = (int(n) for n in latent_shape)
-    facts = DatasetFacts(vae="toy-vae", scaling_factor=scaling_factor, latent_shape=list(latent_shape),
-                         num_frames=frames, frame_interval=3, image_size=8 * size,
-                         classes=[f"class{c}" for c in range(classes)])  # fmt: skip
+    facts = DatasetFacts(
+        vae="toy-vae",
+        scaling_factor=scaling_factor,
+        latent_shape=list(latent_shape),
+        num_frames=frames,
+        frame_interval=3,
+        image_size=8 * size,
+        classes=[f"class{c}" for c in range(classes)],
+    )
     index = DatasetIndex(facts, shards)
     save_index(index, root)
     return index

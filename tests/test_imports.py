@@ -58,8 +58,14 @@ print(json.dumps(found))
 def imported_by(modules: list[str], forbidden: tuple[str, ...]) -> dict[str, list[str]]:
     """{module: the forbidden modules importing it added}, each imported in turn in one fresh interpreter."""
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    done = subprocess.run([sys.executable, "-c", _IMPORT_ALL, json.dumps([modules, forbidden])], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ALL, json.dumps([modules, forbidden])],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -107,8 +113,14 @@ def test_sampling_and_the_light_modules_import_no_deepspeed_or_boto3():
     """DeepSpeed only where an engine or its checkpoints are handled, and only when they are (inside the
     functions that need it); S3 only through data_pipeline.storage."""
     entry = [module_of(REPO / p) for p in ENTRY_POINTS if (REPO / p).is_file()]  # (engine, checkpoint too)
-    light = ["latte.rendezvous", "latte.metrics", "latte.conditioning", "latte.seeding", "latte.vae",
-             "latte.precision"]  # fmt: skip
+    light = [
+        "latte.rendezvous",
+        "latte.metrics",
+        "latte.conditioning",
+        "latte.seeding",
+        "latte.vae",
+        "latte.precision",
+    ]
     modules = [*entry, *modules_under("latte/sampling"), *light]
     assert imported_by(modules, ("deepspeed", "boto3", "botocore")) == {}
 
@@ -142,11 +154,14 @@ def test_only_the_data_pipeline_s3_modules_talk_to_s3():
     assert set(users) <= {"data_pipeline/storage.py", "data_pipeline/s3_opener.py"}, users
 
 
-@pytest.mark.parametrize("folders, forbidden", [
-    (("latte/models", "latte/diffusion"), MODEL_FORBIDDEN),
-    (("data_pipeline",), PIPELINE_FORBIDDEN),
-    (("latte/sampling",), ("deepspeed",)),  # raw ZeRO weights: latte.checkpoint imports the converter
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "folders, forbidden",
+    [
+        (("latte/models", "latte/diffusion"), MODEL_FORBIDDEN),
+        (("data_pipeline",), PIPELINE_FORBIDDEN),
+        (("latte/sampling",), ("deepspeed",)),  # raw ZeRO weights: latte.checkpoint imports the converter
+    ],
+)
 def test_no_import_statement_crosses_a_line(folders, forbidden):
     assert statements_naming(files_under(*folders), forbidden) == {}
 
@@ -157,6 +172,8 @@ def test_the_rendezvous_never_imports_deepspeed():
 
 def test_the_scan_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("import os\n\n\ndef f():\n    from data_pipeline import storage\n"
-                      "    import deepspeed.comm\n    from . import sibling\n")
+    source.write_text(
+        "import os\n\n\ndef f():\n    from data_pipeline import storage\n"
+        "    import deepspeed.comm\n    from . import sibling\n"
+    )
     assert import_statements(source) == {"os", "data_pipeline", "data_pipeline.storage", "deepspeed.comm"}

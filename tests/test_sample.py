@@ -99,8 +99,12 @@ def test_cfg_scale_1_is_the_conditional_forward_and_guidance_mixes_eps_only(mode
 
     cfg, diffusion = tiny("diffusion.sampling_steps=5", "sample.classes=[3]", "sample.seed=7")
     ours = sample_latents(model, diffusion, cfg, [0], CPU)  # (1, F, C, h, w)
-    direct = diffusion.p_sample_loop(lambda x_, t_: model(x_, t_, torch.tensor([3])), (1, 4, 4, 8, 8),
-                                     clip_denoised=False, generator=sample_generator(7, 0, CPU))  # fmt: skip
+    direct = diffusion.p_sample_loop(
+        lambda x_, t_: model(x_, t_, torch.tensor([3])),
+        (1, 4, 4, 8, 8),
+        clip_denoised=False,
+        generator=sample_generator(7, 0, CPU),
+    )
     assert torch.equal(ours, direct)
 
 
@@ -152,8 +156,12 @@ def test_known_frames_are_exact_and_condition_the_rest(model):
 
 @pytest.mark.parametrize("total, clips", [(10, 4), (9, 4), (4, 1)])
 def test_long_video_is_stitched_from_overlapping_clips(model, total, clips):
-    overrides = ["diffusion.sampling_steps=3", f"sample.total_frames={total}", "sample.overlap=2",
-                 "sample.cfg_scale=2.0"]  # fmt: skip
+    overrides = [
+        "diffusion.sampling_steps=3",
+        f"sample.total_frames={total}",
+        "sample.overlap=2",
+        "sample.cfg_scale=2.0",
+    ]
     cfg, diffusion = tiny(*overrides)
     parts = sample_batch(model, diffusion, cfg, [0, 5], CPU)  # each (2, 4, C, h, w)
     assert len(parts) == clips
@@ -170,8 +178,14 @@ def write_index(path: Path, vae: str, scaling_factor: float) -> None:
     """A dataset index (of no shards) that names the VAE and the factor, as the sharding job writes it."""
     from data_pipeline.index import DatasetFacts, DatasetIndex, save_index
 
-    facts = DatasetFacts(vae=vae, scaling_factor=scaling_factor, latent_shape=[4, 4, 8, 8], num_frames=4,
-                         frame_interval=1, image_size=64)  # fmt: skip
+    facts = DatasetFacts(
+        vae=vae,
+        scaling_factor=scaling_factor,
+        latent_shape=[4, 4, 8, 8],
+        num_frames=4,
+        frame_interval=1,
+        image_size=64,
+    )
     save_index(DatasetIndex(facts), str(path))
 
 
@@ -226,8 +240,20 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def sample_cli(source, out: Path, *extra: str, vae=None) -> int:
-    args = [str(source), "--out", str(out), "--num-samples", "2", "--steps", "ddim3", "--no-progress",
-            "--save-latents", "--cfg-scale", "2", *extra]  # fmt: skip
+    args = [
+        str(source),
+        "--out",
+        str(out),
+        "--num-samples",
+        "2",
+        "--steps",
+        "ddim3",
+        "--no-progress",
+        "--save-latents",
+        "--cfg-scale",
+        "2",
+        *extra,
+    ]
     return main([*args, "--vae", str(vae)] if vae else args)
 
 
@@ -250,8 +276,12 @@ def test_checkpoint_export_sample_round_trip(ckpt, vae_dir, tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(latents_in(out), ema, strict=True)), name
 
     assert sample_cli(ckpt / "step_00000003", tmp_path / "raw", "--weights", "model", vae=vae_dir) == 0
-    assert sample_cli(tmp_path / "w.pt", tmp_path / "raw_pt", "--config", str(TINY), "--weights", "model",
-                      vae=vae_dir) == 0  # fmt: skip
+    assert (
+        sample_cli(
+            tmp_path / "w.pt", tmp_path / "raw_pt", "--config", str(TINY), "--weights", "model", vae=vae_dir
+        )
+        == 0
+    )
     raw = latents_in(tmp_path / "raw")
     assert all(np.array_equal(a, b) for a, b in zip(latents_in(tmp_path / "raw_pt"), raw, strict=True))
     assert not np.array_equal(raw[0], ema[0])  # 3 steps of EMA decay 0.99 are not the raw weights
@@ -264,9 +294,24 @@ def test_cli_writes_decodable_videos_a_grid_and_a_gif(ckpt, vae_dir, tmp_path):
     index = tmp_path / "latents" / "index.json"  # the dataset names the VAE and the factor
     write_index(index, str(vae_dir), 0.5)
     out = tmp_path / "videos"
-    cmd = [sys.executable, "-m", "latte.sample", str(ckpt), "--out", str(out), "--num-samples", "3",
-           "--steps", "ddim2", "--total-frames", "6", "--overlap", "2", "--set",
-           f"data.index={index}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "latte.sample",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--num-samples",
+        "3",
+        "--steps",
+        "ddim2",
+        "--total-frames",
+        "6",
+        "--overlap",
+        "2",
+        "--set",
+        f"data.index={index}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -289,16 +334,25 @@ def test_cli_writes_decodable_videos_a_grid_and_a_gif(ckpt, vae_dir, tmp_path):
     assert not list(out.glob(".*")), "a temporary file was left behind"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--classes", "0,9"], "class 9 is out of range: the model has 4 classes, 0..3"),
-    (["--set", "model.name=Latte-S/2"], "weights in {ckpt}/step_00000003/ema_consolidated.pt do not fit "
-     "Latte-S/2 (4 classes, 4 frames of 8²): 'pos_embed' is (1, 16, 64) in the file, (1, 16, 384) in the "
-     "model"),
-    (["--vae", "{tmp}/no_such_vae"], "cannot load the VAE '{tmp}/no_such_vae'"),
-    (["--set", "data.index={tmp}/gone/index.json"], "no VAE: pass --vae (a diffusers AutoencoderKL directory "
-     "or hub id) (the dataset index {tmp}/gone/index.json names none: FileNotFoundError"),
-    (["--classes", "1,x"], "--classes '1,x' must be comma-separated class indices"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--classes", "0,9"], "class 9 is out of range: the model has 4 classes, 0..3"),
+        (
+            ["--set", "model.name=Latte-S/2"],
+            "weights in {ckpt}/step_00000003/ema_consolidated.pt do not fit "
+            "Latte-S/2 (4 classes, 4 frames of 8²): 'pos_embed' is (1, 16, 64) in the file, "
+            "(1, 16, 384) in the model",
+        ),
+        (["--vae", "{tmp}/no_such_vae"], "cannot load the VAE '{tmp}/no_such_vae'"),
+        (
+            ["--set", "data.index={tmp}/gone/index.json"],
+            "no VAE: pass --vae (a diffusers AutoencoderKL directory "
+            "or hub id) (the dataset index {tmp}/gone/index.json names none: FileNotFoundError",
+        ),
+        (["--classes", "1,x"], "--classes '1,x' must be comma-separated class indices"),
+    ],
+)
 def test_bad_inputs_end_with_one_error_line(ckpt, vae_dir, tmp_path, capsys, extra, message):
     extra = [e.format(tmp=tmp_path) for e in extra]
     vae = None if "--vae" in extra or "index" in extra[-1] else vae_dir
@@ -322,12 +376,14 @@ def test_weights_of_another_model_are_named_by_file_and_key(ckpt, tmp_path, caps
     assert export_main([str(ckpt), str(tmp_path / "e.pt"), "--ema-only"]) == 0
     capsys.readouterr()
     cases = [
-        (["--config", str(TINY), "--set", "model.num_classes=7"],
-         f"weights in {tmp_path / 'e.pt'} do not fit Latte-T/2 (7 classes, 4 frames of 8²): "
-         "'y_embedder.embedding_table.weight' is (5, 64) in the file, (8, 64) in the model"),
+        (
+            ["--config", str(TINY), "--set", "model.num_classes=7"],
+            f"weights in {tmp_path / 'e.pt'} do not fit Latte-T/2 (7 classes, 4 frames of 8²): "
+            "'y_embedder.embedding_table.weight' is (5, 64) in the file, (8, 64) in the model",
+        ),
         ([], f"{tmp_path / 'e.pt'} holds weights only; pass --config"),
         (["--config", str(TINY), "--weights", "model"], f"{tmp_path / 'e.pt'} has no 'model' weights"),
-    ]  # fmt: skip
+    ]
     for extra, message in cases:
         assert sample_cli(tmp_path / "e.pt", tmp_path / "out", *extra, vae=tmp_path) == 2
         err = capsys.readouterr().err.strip()

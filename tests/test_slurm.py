@@ -40,8 +40,16 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def train_args(results: Path, *overrides: str) -> list[str]:
-    return [str(TRAIN_SH), str(TINY), "--set", f"train.results_dir={results}", f"train.max_steps={STEPS}",
-            f"train.log_every={LOG_EVERY}", f"train.ckpt_every={CKPT_EVERY}", *overrides]  # fmt: skip
+    return [
+        str(TRAIN_SH),
+        str(TINY),
+        "--set",
+        f"train.results_dir={results}",
+        f"train.max_steps={STEPS}",
+        f"train.log_every={LOG_EVERY}",
+        f"train.ckpt_every={CKPT_EVERY}",
+        *overrides,
+    ]
 
 
 def wait_for_log(slurm, job: int, text: str, timeout: float = 150.0) -> str:
@@ -80,8 +88,10 @@ def train_jobs(slurm, tmp_path_factory) -> dict:
     shows step SIGNAL_AT of STEPS."""
     root = tmp_path_factory.mktemp("slurm-train")
     (root / "logs").mkdir()
-    jobs = {name: slurm.sbatch([*TWO_RANKS, *train_args(root / name)], cwd=root, env=job_env())
-            for name in ("unbroken", "preempted")}  # fmt: skip
+    jobs = {
+        name: slurm.sbatch([*TWO_RANKS, *train_args(root / name)], cwd=root, env=job_env())
+        for name in ("unbroken", "preempted")
+    }
     wait_for_log(slurm, jobs["preempted"], f"step {SIGNAL_AT:7d} |")
     slurm.run(["scancel", "-b", "-s", "USR1", str(jobs["preempted"])])
     return {"root": root, **jobs}
@@ -140,8 +150,11 @@ def test_config_error_crash_and_scancel_end_without_a_requeue_loop(slurm, tmp_pa
     cancelled = slurm.sbatch([*TWO_RANKS, *long_run], tmp_path, job_env())
     bad = slurm.sbatch([*TWO_RANKS, *train_args(tmp_path / "bad", "train.lrr=1")], tmp_path, job_env())
     usage = slurm.sbatch([*one_task, str(TRAIN_SH)], cwd=tmp_path, env=job_env())
-    crash = slurm.sbatch([*one_task, str(TRAIN_SH), str(TINY)], cwd=tmp_path,
-                         env=job_env(PYTHON=str(crashing), LATTE_MAX_RESTARTS="1"))  # fmt: skip
+    crash = slurm.sbatch(
+        [*one_task, str(TRAIN_SH), str(TINY)],
+        cwd=tmp_path,
+        env=job_env(PYTHON=str(crashing), LATTE_MAX_RESTARTS="1"),
+    )
 
     info, log = slurm.wait(bad), slurm.log(bad)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), log[-3000:]

@@ -15,8 +15,15 @@ from data_pipeline.index import (
     save_index,
 )
 
-FACTS = DatasetFacts(vae="tiny-vae", scaling_factor=0.18215, latent_shape=[4, 4, 8, 8], num_frames=4,
-                     frame_interval=3, image_size=64, classes=["a", "b"])  # fmt: skip
+FACTS = DatasetFacts(
+    vae="tiny-vae",
+    scaling_factor=0.18215,
+    latent_shape=[4, 4, 8, 8],
+    num_frames=4,
+    frame_interval=3,
+    image_size=64,
+    classes=["a", "b"],
+)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -141,10 +141,24 @@ def test_slurm_style_environment(tmp_path):
     cmd = [sys.executable, "train.py", "--config", str(TINY), "--set", *overrides]
     running = []
     for rank in range(2):
-        slurm = dict(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                     SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=port)  # fmt: skip
-        running.append(subprocess.Popen(cmd, cwd=REPO, env=dict(_cli_env(), **slurm), text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+        slurm = dict(
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(rank),
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_ID="4242",
+            MASTER_PORT=port,
+        )
+        running.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=dict(_cli_env(), **slurm),
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     outs = [p.communicate(timeout=300) for p in running]
     _check_run(subprocess.CompletedProcess(cmd, running[0].returncode, *outs[0]))
     assert running[1].returncode == 0, outs[1][1][-2000:]

@@ -67,8 +67,9 @@ def test_extra_states_round_trip_and_old_checkpoints_leave_them_as_built(tmp_pat
 
     for step_dir, expected in ((new, 7), (old, 0)):
         restored = Counter()
-        again = CheckpointManager(load_config(TINY, [f"train.results_dir={tmp_path}",
-                                                     f"train.resume={step_dir}"]), world)  # fmt: skip
+        again = CheckpointManager(
+            load_config(TINY, [f"train.results_dir={tmp_path}", f"train.resume={step_dir}"]), world
+        )
         assert again.find() == step_dir
         assert again.load(step_dir, _state({"counter": restored})) == int(step_dir.name[-1])
         assert restored.value == expected

@@ -94,9 +94,13 @@ def test_resize_shorter_side_then_center_crop():
 
 @pytest.mark.parametrize(
     "name, reason",
-    [("corrupt.mp4", "InvalidDataError"), ("empty.mp4", "empty file"), ("none.mp4", "no such file"),
-     ("three.mp4", "fewer than num_frames")],
-)  # fmt: skip
+    [
+        ("corrupt.mp4", "InvalidDataError"),
+        ("empty.mp4", "empty file"),
+        ("none.mp4", "no such file"),
+        ("three.mp4", "fewer than num_frames"),
+    ],
+)
 def test_bad_videos_give_one_line_reasons(clips_dir, name, reason):
     with pytest.raises(VideoError, match=reason) as info:
         read_clips(str(clips_dir / name), ClipSpec(num_frames=4, image_size=32))
@@ -112,7 +116,11 @@ def test_list_inputs_folders_and_manifests(tmp_path):
     inputs, classes = list_inputs(str(tmp_path / "tree"))
     assert classes == ["a", "b", "c"]
     assert [(v.position, v.path.split("tree/")[1], v.label) for v in inputs] == [
-        (0, "a/y.MP4", 0), (1, "a/z.avi", 0), (2, "b/x.mp4", 1), (3, "c/deep/w.webm", 2)]  # fmt: skip
+        (0, "a/y.MP4", 0),
+        (1, "a/z.avi", 0),
+        (2, "b/x.mp4", 1),
+        (3, "c/deep/w.webm", 2),
+    ]
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "v.mkv").write_bytes(b"x")
     assert list_inputs(str(tmp_path / "flat"))[1] == []  # no folders: unconditional

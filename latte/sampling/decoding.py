@@ -68,6 +68,8 @@ def scaling_factor(
     if facts.facts is not None and facts.facts.scaling_factor is not None:
         return float(facts.facts.scaling_factor), f"dataset index {facts.url}"
     why = facts.problem or "it has no facts.scaling_factor"
-    raise VaeError(f"the latents' scaling factor is unknown: the dataset index {facts.url} cannot give it "
-                   f"({why}) and the weights record none; pass --set data.scaling_factor=F (the factor the "
-                   f"dataset was encoded with; the VAE's own is {vae_factor:g})")  # fmt: skip
+    raise VaeError(
+        f"the latents' scaling factor is unknown: the dataset index {facts.url} cannot give it "
+        f"({why}) and the weights record none; pass --set data.scaling_factor=F (the factor the "
+        f"dataset was encoded with; the VAE's own is {vae_factor:g})"
+    )

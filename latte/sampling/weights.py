@@ -101,8 +101,9 @@ def _read_weights_file(path: Path, weights: str) -> dict[str, torch.Tensor]:
     if any(part in obj for part in PARTS):
         if not isinstance(obj.get(weights), dict):
             other = next(p for p in PARTS if p != weights)
-            raise SourceError(f"{path} has no '{weights}' weights (it has {', '.join(sorted(obj))}); "
-                              f"use --weights {other}")  # fmt: skip
+            raise SourceError(
+                f"{path} has no '{weights}' weights (it has {', '.join(sorted(obj))}); use --weights {other}"
+            )
         obj = obj[weights]
     bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
