@@ -29,21 +29,14 @@ from typing import Any
 import torch
 
 from latte.checkpoint import SaveError
-from latte.config import Config, ConfigError, load_config
+from latte.config import Config, ConfigError, add_set_argument, load_config
 from latte.preemption import EXIT_PREEMPTED, StopFlag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML preset (configs/*.yaml); defaults when omitted")
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config values, e.g. --set train.lr=2e-4 model.attention=sdpa",
-    )
+    add_set_argument(parser, "train.lr=2e-4 model.attention=sdpa")
     parser.add_argument(
         "--resume",
         help="auto (newest complete checkpoint in train.ckpt_dir, else fresh; the default), none, or a "

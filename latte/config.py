@@ -254,6 +254,18 @@ def _parse_override(item: str) -> dict[str, Any]:
     return nested
 
 
+def add_set_argument(parser, example: str = "model.attention=sdpa") -> None:
+    """The ``--set KEY=VALUE ...`` option of every entry point (repeatable; applied after the YAML)."""
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override config values, e.g. --set {example}",
+    )
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path``, then ``overrides`` ("key.sub=value"); then validate."""
     data: Any = {}

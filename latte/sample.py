@@ -28,7 +28,7 @@ import torch
 
 from latte.builders import attention_line, build_diffusion, build_model
 from latte.conditioning import conditioning_of
-from latte.config import Config, ConfigError, sampler_of
+from latte.config import Config, ConfigError, add_set_argument, sampler_of
 from latte.engine import configure_cuda_numerics
 from latte.errors import first_line
 from latte.files import atomic_write
@@ -65,14 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "an exported .pt / .safetensors (then --config is needed)",
     )
     p.add_argument("--config", help="YAML config (default: the one saved in the checkpoint's meta.json)")
-    p.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config values, e.g. --set model.attention=sdpa",
-    )
+    add_set_argument(p)
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or the raw model weights")
     p.add_argument("--vae", help="diffusers AutoencoderKL: local dir or hub id (default: the dataset's VAE)")
     p.add_argument("--out", default="samples", help="output directory (default: ./samples)")

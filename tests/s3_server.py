@@ -89,16 +89,20 @@ class SeaweedServer:
         log.close()
         self._wait_ready(timeout)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def client(self):
+        """A boto3 S3 client of this server, with the test credentials."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
             region_name="us-east-1",
         )
+
+    def _wait_ready(self, timeout: float) -> None:
+        client = self.client()
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
@@ -133,14 +137,6 @@ class SeaweedServer:
         self.start()
 
     def make_bucket(self, name: str) -> str:
-        import boto3
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name="us-east-1",
-        )
+        client = self.client()
         client.create_bucket(Bucket=name)
         return f"s3://{name}"
