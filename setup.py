@@ -26,6 +26,9 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "tensorboard>=2.14",
+        # the text encoder (T5) of the text-to-video model: captions in the shards, prompts in sampling
+        "transformers>=4.44",
+        "sentencepiece>=0.2",
     ],
     extras_require={
         # flash-attn 2 (>= 2.6: deterministic backward, torch.compile-traceable ops); FlashAttention-3 for

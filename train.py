@@ -91,6 +91,7 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
 
 
 def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tuple[list[float], Any, Any]:
+    from data_pipeline.synthetic import CAPTION_TOKENS
     from latte.builders import attention_line
     from latte.checkpoint import TrainState
     from latte.conditioning import conditioning_of, to_device
@@ -101,7 +102,8 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
     from latte.training import build_training
 
     t_cfg = cfg.train
-    conditioning = conditioning_of(cfg.model)
+    null = data.null_caption()  # captioned data: the empty prompt's embedding, the null condition
+    conditioning = conditioning_of(cfg.model, None if null is None else torch.from_numpy(null))
     missing = [key for key in conditioning.batch_keys if key not in data.batch_keys]
     if missing:
         raise ConfigError(f"the model is conditioned on {', '.join(missing)}, which the data does not carry")
@@ -110,7 +112,8 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
     training = build_training(cfg, world, load_universal=checkpoints.reshard)
     engine, ema, diffusion = training.engine, training.ema, training.diffusion
     run_dir = make_run_dir(cfg, checkpoints.resumed_run_dir) if world.is_main else None
-    metrics = MetricsLogger(run_dir, world.is_main, cfg, world.world_size, world.device)
+    caption_tokens = data.facts.max_caption_tokens if data.facts is not None else CAPTION_TOKENS
+    metrics = MetricsLogger(run_dir, world.is_main, cfg, world.world_size, world.device, caption_tokens)
     state = TrainState(engine, ema, data)
     if world.is_main:
         print(_run_line(cfg, run_dir, training.n_params, metrics), flush=True)

@@ -483,10 +483,10 @@ def _need_deepspeed() -> None:
 def _engine_step_fn(cfg: Config, world):
     """(step, engine, EMA) for train.py's micro-step on ``cfg``: per-sample draws, pinned non-blocking host
     batch copies, the engine's forward/backward/step, the sharded EMA update."""
+    from latte.conditioning import to_device
     from latte.ema import ShardedEMA
     from latte.engine import build_engine, set_grad_clip
     from latte.seeding import TrainingDraws
-    from train import to_device
 
     dev = world.device
     torch.manual_seed(0)

@@ -10,6 +10,13 @@ scaling factor already applied to the stored latents: that factor lives here and
      "shards": [{"url": "shard-00000-000000.tar", "samples": 64, "bytes": ..., "sha256": ..., "task": 0}],
      "num_samples": ..., "failed": [{"input": ..., "error": ...}]}
 
+A dataset with captions (``data_pipeline.text_encoder``) adds the facts ``"text_encoder": "<path or hub id>",
+"caption_channels": D, "max_caption_tokens": 120, "null_caption": "null_caption.npy"`` (the last: the
+unpadded (L0, D) float16 embedding of the empty prompt "", the null condition of classifier-free guidance,
+in a file beside the index: ``load_null_caption``), each shard ``"captions_truncated": n`` where n > 0
+(captions cut to ``max_caption_tokens``), and the index their sum ``"captions_truncated"``. Without
+captions these keys are left out, so such an index reads and writes as before.
+
 Each task of a sharding job writes only its own part, ``parts/task-XXXXX.json`` (rewritten atomically after
 every finished shard, so a rerun knows what is done); ``merge_parts`` builds ``index.json`` from all parts.
 """
@@ -17,11 +24,14 @@ every finished shard, so a rerun knows what is done); ``merge_parts`` builds ``i
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from data_pipeline import storage
 
@@ -48,6 +58,26 @@ class DatasetFacts:
     image_size: int
     classes: list[str] = field(default_factory=list)  # class names by label; [] = unconditional (no y)
     dtype: str = "float16"  # storage dtype of latent.npy / latent_std.npy
+    text_encoder: str = ""  # path or hub id of the T5 encoder of caption.npy; "" = no captions
+    caption_channels: int = 0  # D, the width of caption.npy (L_i, D) float16
+    max_caption_tokens: int = 0  # the most tokens a caption has: the loader pads to it
+    null_caption: str = ""  # url (relative to the index) of the empty prompt's (L0, D) float16 embedding
+
+    @property
+    def has_captions(self) -> bool:
+        return bool(self.text_encoder)
+
+    def to_json(self) -> dict[str, Any]:
+        """As a dict; a dataset without captions leaves their facts out (its index reads as before)."""
+        data = dataclasses.asdict(self)
+        if not self.has_captions:
+            for name in CAPTION_FACTS:
+                data.pop(name)
+        return data
+
+
+CAPTION_FACTS = ("text_encoder", "caption_channels", "max_caption_tokens", "null_caption")
+NULL_CAPTION_NAME = "null_caption.npy"
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,13 @@ class ShardInfo:
     bytes: int
     sha256: str
     task: int = 0
+    captions_truncated: int = 0  # captions of its samples cut to max_caption_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not self.captions_truncated:
+            data.pop("captions_truncated")
+        return data
 
 
 @dataclass
@@ -70,14 +107,22 @@ class DatasetIndex:
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
+    @property
+    def captions_truncated(self) -> int:
+        """Captions cut to the facts' ``max_caption_tokens`` by the sharding job (over every shard)."""
+        return sum(s.captions_truncated for s in self.shards)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": self.format,
-            "facts": dataclasses.asdict(self.facts),
-            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "facts": self.facts.to_json(),
+            "shards": [s.to_json() for s in self.shards],
             "num_samples": self.num_samples,
             "failed": list(self.failed),
         }
+        if self.facts.has_captions:
+            data["captions_truncated"] = self.captions_truncated
+        return data
 
     @classmethod
     def from_json(cls, data: Any, source: str = "<index>") -> DatasetIndex:
@@ -105,8 +150,12 @@ class DatasetIndex:
 
     def shard_urls(self, index_url: str) -> list[str]:
         """Absolute shard urls/paths, resolving relative ones against the index's directory."""
-        base = _dirname(index_url)
-        return [s.url if _is_absolute(s.url) else storage.join(base, s.url) for s in self.shards]
+        return [resolve_url(index_url, s.url) for s in self.shards]
+
+
+def resolve_url(index_url: str, url: str) -> str:
+    """``url`` as listed in the index (relative to its directory, or absolute) as an absolute url/path."""
+    return url if _is_absolute(url) else storage.join(_dirname(index_url_for(index_url)), url)
 
 
 def _dirname(url: str) -> str:
@@ -134,6 +183,34 @@ def load_index(url: str) -> DatasetIndex:
     except ValueError as exc:
         raise DatasetIndexError(f"dataset index '{url}' is not valid JSON: {exc}") from None
     return DatasetIndex.from_json(data, url)
+
+
+def load_null_caption(index_url: str, facts: DatasetFacts | None = None) -> np.ndarray | None:
+    """The dataset's null caption, the (L0, D) float16 embedding of "" by its text encoder (the condition
+    of classifier-free guidance), or None for a dataset without captions. ``index_url``: the dataset root or
+    its index.json (``facts``: its facts, if already read). Raises ``DatasetIndexError`` (one line)."""
+    facts = facts or load_index(index_url).facts
+    if not facts.has_captions:
+        return None
+    url = resolve_url(index_url, facts.null_caption or NULL_CAPTION_NAME)
+    try:
+        array = np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
+    except (storage.StorageError, ValueError, OSError) as exc:
+        raise DatasetIndexError(f"cannot read the null caption '{url}': {exc}") from None
+    if array.ndim != 2 or array.shape[1] != facts.caption_channels or array.dtype != np.float16:
+        raise DatasetIndexError(
+            f"null caption '{url}' holds {array.dtype}{list(array.shape)}, "
+            f"the index promises float16[L, {facts.caption_channels}]"
+        )
+    return array
+
+
+def save_null_caption(output: str, array: np.ndarray) -> str:
+    """Write the null caption beside ``output``'s index; returns its name (the ``null_caption`` fact)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float16), allow_pickle=False)
+    storage.write_bytes(storage.join(output, NULL_CAPTION_NAME), buffer.getvalue())
+    return NULL_CAPTION_NAME
 
 
 def save_index(index: DatasetIndex, url: str) -> None:

@@ -5,19 +5,24 @@ dataset carries it (``None``: every dataset must), how its members are decoded a
 index's facts, and how a batch's values are collated. ``decode_sample``, ``draw_batch``, the members the
 loader reads, its batch keys and the synthetic stream's keys all follow from this table:
 
-    batch key  members                       index fact         in a batch
-    latent     latent.npy, latent_std.npy    - (every dataset)  (B, F, C, h, w) float: mean + std * eps
-    y          cls                           classes            (B,) int64 label in [0, len(classes))
+    batch key(s)            members                     index fact     in a batch
+    latent                  latent.npy, latent_std.npy  - (all)        (B, F, C, h, w) float: mean + std * eps
+    y                       cls                         classes        (B,) int64 label in [0, len(classes))
+    encoder_hidden_states,  caption.npy                 text_encoder   (B, L, D) float, zeros past each
+      encoder_attention_mask                                           caption; (B, L) bool, True = real token
 
 then ``key``: the batch's sample ids. ``latent.npy`` holds the posterior mean x scaling factor, shape
 (F, C, h, w), in the index's dtype; ``latent_std.npy`` the posterior std x scaling factor, same shape and
-dtype; ``cls`` an ASCII decimal label; ``KEY.json`` (metadata) is not read. Every sample of a dataset whose
-fact is set must carry the field; a consumer may decline an optional one (an unconditional model gets no
-``y`` from a labelled dataset).
+dtype; ``cls`` an ASCII decimal label; ``caption.npy`` the text encoder's hidden states of the caption's real
+tokens, (L_i, D) float16 with 0 < L_i <= L = the index's ``max_caption_tokens`` and D its
+``caption_channels``, padded to L in the batch (fixed shapes); ``caption.txt`` (the caption, UTF-8) and
+``KEY.json`` (metadata) are not read. Every sample of a dataset whose fact is set must carry the field; a
+consumer may decline an optional one by its (first) batch key (an unconditional model gets no ``y`` from a
+labelled dataset, a class-conditional one no captions). A field's collate gives one batch entry, or one per
+batch key (``Field.keys``) when it has several.
 
-Adding a field (say T5 caption embeddings ``caption.npy`` and their mask) is one ``Field`` in ``FIELDS``,
-its fact in ``data_pipeline.index.DatasetFacts`` (defaulting to "absent", so earlier indexes still read),
-and the sharding job writing its members.
+Adding a field is one ``Field`` in ``FIELDS``, its fact in ``data_pipeline.index.DatasetFacts`` (defaulting
+to "absent", so earlier indexes still read), and the sharding job writing its members.
 
 The noise ``eps`` of a sample comes from a generator seeded by (seed, epoch, sample id), so a sample gets the
 same latent in an epoch whatever rank, worker or position reads it, and a new one every epoch.
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     from data_pipeline.index import DatasetFacts
 
 MEAN, STD, LABEL = "latent.npy", "latent_std.npy", "cls"  # tar members
+CAPTION, CAPTION_TEXT = "caption.npy", "caption.txt"  # tar members (the text is stored, not read)
 KEY = "key"  # the batch key of the sample ids (every batch of the loader has it)
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -56,17 +62,25 @@ class Draw:
     seed: int
     epoch: int
     dtype: torch.dtype
+    facts: DatasetFacts | None = None  # the dataset's (e.g. the caption length to pad to)
 
 
 @dataclass(frozen=True)
 class Field:
     """One thing a sample carries (see the module docstring)."""
 
-    key: str  # its batch key
+    key: str  # its batch key (the first, if it has several): the name a consumer declines it by
     members: tuple[str, ...]  # its tar members, all present in every sample that carries it
     fact: str | None  # the DatasetFacts attribute, truthy where the dataset carries it; None = every dataset
     decode: Callable[[str, Mapping[str, bytearray], DatasetFacts], Any]  # (id, members, facts) -> value
-    collate: Callable[[list[Any], Draw], torch.Tensor]  # the values of a batch's samples -> its batch entry
+    # the values of a batch's samples -> its batch entry, or {batch key: entry} for each of ``keys``
+    collate: Callable[[list[Any], Draw], torch.Tensor | dict[str, torch.Tensor]]
+    also: tuple[str, ...] = ()  # further batch keys its collate fills
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Its batch keys, in batch order."""
+        return (self.key, *self.also)
 
     @property
     def required(self) -> bool:
@@ -93,7 +107,7 @@ class SampleSpec:
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
-        return (*(f.key for f in self.fields), KEY)
+        return (*(k for f in self.fields for k in f.keys), KEY)
 
 
 @dataclass(frozen=True)
@@ -115,8 +129,8 @@ def _finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def parse_npy(buffer: bytearray, shape: tuple[int, ...], dtype: str, name: str) -> np.ndarray:
-    """A ``.npy`` file's array as a zero-copy view of ``buffer``; checks dtype, shape and finiteness."""
+def _npy_layout(buffer: bytearray, name: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, Fortran order, data offset) of a ``.npy`` file in ``buffer``."""
     view = memoryview(buffer)
     if len(view) < 10 or bytes(view[:6]) != _NPY_MAGIC:
         raise CorruptSample(f"{name} is not an .npy file")
@@ -126,11 +140,24 @@ def parse_npy(buffer: bytearray, shape: tuple[int, ...], dtype: str, name: str) 
         found, found_shape, fortran = _npy_header(bytes(view[8 + width : start]))
     except (ValueError, SyntaxError, KeyError, TypeError) as exc:
         raise CorruptSample(f"{name} has an unreadable .npy header: {exc}") from None
-    if found != np.dtype(dtype) or fortran or found_shape != shape:
+    return found, found_shape, fortran, start
+
+
+def parse_npy(buffer: bytearray, shape: Sequence[int | range], dtype: str, name: str) -> np.ndarray:
+    """A ``.npy`` file's array as a zero-copy view of ``buffer``; checks dtype, shape (an entry may be a
+    ``range`` of allowed lengths) and finiteness."""
+    found, found_shape, fortran, start = _npy_layout(buffer, name)
+    fits = len(found_shape) == len(shape) and all(
+        n in want if isinstance(want, range) else n == want
+        for n, want in zip(found_shape, shape, strict=False)
+    )
+    if found != np.dtype(dtype) or fortran or not fits:
+        promised = [f"{w.start}..{w.stop - 1}" if isinstance(w, range) else w for w in shape]
         raise CorruptSample(
             f"{name} holds {found.name}{list(found_shape)}{' (Fortran order)' if fortran else ''}, "
-            f"the index promises {dtype}{list(shape)}"
+            f"the index promises {dtype}{promised}".replace("'", "")
         )
+    view, shape = memoryview(buffer), found_shape
     count = math.prod(shape)
     if len(view) - start != count * found.itemsize:
         raise CorruptSample(f"{name} has {len(view) - start} data bytes, expected {count * found.itemsize}")
@@ -188,9 +215,33 @@ def _stack_labels(values: list[int], draw: Draw) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)  # (B,)
 
 
+def _decode_caption(sample_id: str, members: Mapping[str, bytearray], facts: DatasetFacts) -> np.ndarray:
+    """The caption's (L_i, D) float16 hidden states, its real tokens only (0 < L_i <= max tokens)."""
+    shape = (range(1, facts.max_caption_tokens + 1), facts.caption_channels)
+    return parse_npy(members[CAPTION], shape, "float16", f"{sample_id}.{CAPTION}")
+
+
+def _pad_captions(values: list[np.ndarray], draw: Draw) -> dict[str, torch.Tensor]:
+    """``encoder_hidden_states`` (B, L, D) in ``draw.dtype`` and ``encoder_attention_mask`` (B, L) bool, L
+    the index's ``max_caption_tokens``."""
+    from data_pipeline.text_encoder import pad_captions
+
+    assert draw.facts is not None  # (draw_batch passes the spec's)
+    embeds, mask = pad_captions(values, draw.facts.max_caption_tokens)  # (B, L, D) float32, (B, L)
+    return {CAPTION_FIELD.key: embeds.to(draw.dtype), CAPTION_FIELD.also[0]: mask}
+
+
 LATENT_FIELD = Field("latent", (MEAN, STD), None, _decode_latent, _draw_latent)
 LABEL_FIELD = Field("y", (LABEL,), "classes", _decode_label, _stack_labels)
-FIELDS: tuple[Field, ...] = (LATENT_FIELD, LABEL_FIELD)  # batch order
+CAPTION_FIELD = Field(
+    "encoder_hidden_states",
+    (CAPTION,),
+    "text_encoder",
+    _decode_caption,
+    _pad_captions,
+    ("encoder_attention_mask",),
+)
+FIELDS: tuple[Field, ...] = (LATENT_FIELD, LABEL_FIELD, CAPTION_FIELD)  # batch order
 
 
 def carried_fields(
@@ -220,12 +271,14 @@ def decode_sample(sample_id: str, members: Mapping[str, bytearray], spec: Sample
 def draw_batch(
     samples: Sequence[Sample], spec: SampleSpec, seed: int, epoch: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor | list[str]]:
-    """A batch ``{"latent": (B, F, C, h, w), "y": (B,) int64 when labelled, "key": [B sample ids]}``: one
-    entry per field of ``spec``, then the sample ids. ``latent = mean + std * eps``, eps ~ N(0, 1) per
+    """A batch ``{"latent": (B, F, C, h, w), "y": (B,) int64 when labelled, "encoder_hidden_states": (B, L,
+    D) and "encoder_attention_mask": (B, L) bool when captioned, "key": [B sample ids]}``: the entries of
+    each field of ``spec``, then the sample ids. ``latent = mean + std * eps``, eps ~ N(0, 1) per
     sample, computed in float32 and cast to ``dtype``."""
-    draw = Draw([s.id for s in samples], seed, epoch, dtype)
-    batch: dict[str, torch.Tensor | list[str]] = {
-        f.key: f.collate([s.values[f.key] for s in samples], draw) for f in spec.fields
-    }
+    draw = Draw([s.id for s in samples], seed, epoch, dtype, spec.facts)
+    batch: dict[str, torch.Tensor | list[str]] = {}
+    for f in spec.fields:
+        entry = f.collate([s.values[f.key] for s in samples], draw)
+        batch.update(entry if isinstance(entry, dict) else {f.key: entry})
     batch[KEY] = draw.ids
     return batch

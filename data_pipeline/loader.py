@@ -4,6 +4,7 @@ rank, with a state that resumes exactly, on the same or on a different world siz
     loader = LatentLoader("s3://bucket/ucf101/index.json", batch_size=5, rank=r, world_size=W, seed=3407,
                           num_workers=8, infinite=True, expected=Expected((16, 4, 32, 32), 0.18215, 101))
     for batch in loader:   # {"latent": (B, F, C, h, w) float32, "y": (B,) int64, "key": [B sample ids]}
+        ...                # + "encoder_hidden_states" (B, L, D), "encoder_attention_mask" (B, L) if captioned
         ...
     checkpoint["loader"] = loader.state_dict()      # small, JSON; any rank's describes every rank
     loader.load_state_dict(checkpoint["loader"])    # then iterate again: the sequence continues
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -54,8 +56,8 @@ from data_pipeline.epoch_plan import (
     segment_plan,
     slice_pieces,
 )
-from data_pipeline.index import DatasetFacts, index_url_for, load_index
-from data_pipeline.latent_sample import LABEL_FIELD, SampleSpec
+from data_pipeline.index import DatasetFacts, index_url_for, load_index, load_null_caption
+from data_pipeline.latent_sample import CAPTION_FIELD, LABEL_FIELD, SampleSpec
 from data_pipeline.shard_reader import DatasetUnreadableError, LoaderError
 from data_pipeline.stream_batches import PieceSource, stream_batches
 from latte.seeding import mix_seed
@@ -78,11 +80,16 @@ class Expected:
     latent_shape: tuple[int, ...] | None = None  # (F, C, h, w) the model is built for
     scaling_factor: float | None = None  # the VAE scaling factor the run assumes (sampling divides by it)
     num_classes: int | None = None  # 0 = unconditional model (labels are not returned); N = N classes
+    caption_channels: int | None = (
+        None  # 0 = the model takes no captions (not returned); D = captions of width D
+    )
 
     def declined(self) -> tuple[str, ...]:
         """Batch keys of the optional sample fields the config does not want even from a dataset that has
-        them (``latent_sample.FIELDS``): the labels, for an unconditional model."""
-        return (LABEL_FIELD.key,) if self.num_classes == 0 else ()
+        them (``latent_sample.FIELDS``): the labels, for an unconditional model; the captions, for a model
+        without text conditioning."""
+        declined = (LABEL_FIELD.key,) if self.num_classes == 0 else ()
+        return declined + ((CAPTION_FIELD.key,) if self.caption_channels == 0 else ())
 
 
 def check_facts(facts: DatasetFacts, expected: Expected, index_url: str) -> None:
@@ -106,6 +113,16 @@ def check_facts(facts: DatasetFacts, expected: Expected, index_url: str) -> None
         if len(facts.classes) != expected.num_classes:
             raise IndexMismatchError(
                 f"{where} has {len(facts.classes)} classes, the config asks for {expected.num_classes}"
+            )
+    if expected.caption_channels:
+        if not facts.has_captions:
+            raise IndexMismatchError(
+                f"{where} has no captions, the config asks for captions of width {expected.caption_channels}"
+            )
+        if facts.caption_channels != expected.caption_channels:
+            raise IndexMismatchError(
+                f"{where} holds captions of width {facts.caption_channels} (text encoder "
+                f"'{facts.text_encoder}'), the config expects {expected.caption_channels}"
             )
 
 
@@ -398,6 +415,10 @@ class LatentLoader:
         else:
             self._layouts.append(self.layout)
             self._consumed.append(0)
+
+    def null_caption(self) -> np.ndarray | None:
+        """The empty prompt's (L0, D) float16 embedding recorded with the dataset; None without captions."""
+        return load_null_caption(self.index_url, self.facts) if self.facts.has_captions else None
 
     def metrics(self) -> dict[str, int]:
         """Counters since construction, from the batches handed out: ``batches``; ``samples`` decoded;

@@ -11,6 +11,15 @@ Each sample is one clip: ``__key__`` = ``{input:08d}_c{clip:02d}`` (+ ``_flip`` 
 (F, C, h, w) float16, the posterior mean and std times the VAE scaling factor; ``cls`` (labelled data
 only); ``json`` (source, fps, frame indices, interval used, original size, flipped, ...).
 
+Captions (``--text-encoder T5``): the manifest gives each video a caption, or one per clip window (formats in
+``data_pipeline.video``); each sample then also holds ``caption.npy``, the encoder's hidden states of the
+caption's real tokens, (L, D) float16 with L <= ``--max-caption-tokens`` (default 120, Latte-1's), and
+``caption.txt``, its text. A longer caption is cut to that many tokens and counted (``captions_truncated``
+in the summary line, per shard and in total in the index); a video without a caption is a failed input.
+The index records the encoder, D, the length and the empty prompt's embedding (``null_caption.npy`` beside
+it: the null condition of classifier-free guidance; ``data_pipeline.index.load_null_caption``). To caption
+shards that already exist, without encoding video again: ``python -m data_pipeline.add_captions``.
+
 Restarts. The inputs are shuffled with ``--seed`` (so a shard mixes classes; ``--sorted`` keeps path
 order), dealt to tasks as ``order[task::num_tasks]`` and cut into chunks of ``videos_per_shard`` videos
 (``--samples-per-shard`` over the samples one video gives). Chunk ``p`` of task ``t`` becomes shard
@@ -38,7 +47,6 @@ Test hook: ``LATTE_SHARD_KILL_AFTER_SAMPLES=N`` SIGKILLs the job once it has wri
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -59,6 +67,7 @@ import torch
 from data_pipeline import storage
 from data_pipeline.build_index import JOB_NAME
 from data_pipeline.index import (
+    NULL_CAPTION_NAME,
     DatasetFacts,
     DatasetIndex,
     DatasetIndexError,
@@ -67,15 +76,19 @@ from data_pipeline.index import (
     merge_parts,
     part_url,
     save_index,
+    save_null_caption,
 )
-from data_pipeline.shard_writer import ShardFile, clip_samples, temp_path
+from data_pipeline.shard_writer import Caption, ShardFile, clip_samples, temp_path
+from data_pipeline.text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, TextEncoderError, load_text_encoder
 from data_pipeline.vae import LatentEncoder, VaeError, load_vae
 from data_pipeline.video import (
     ClipSpec,
     InputError,
+    VideoClips,
     VideoInput,
     clip_loader,
     list_inputs,
+    window_slots,
 )
 from latte.errors import first_line
 
@@ -138,6 +151,8 @@ class Summary:
     start: float = 0.0  # time.perf_counter() when encoding began
     seconds: float = 0.0  # set when the task ends
     merged: bool = False
+    captioned: bool = False  # the job encodes captions
+    captions_truncated: int = 0  # captions cut to the text encoder's length (in the shards written)
 
     @property
     def rate(self) -> float:
@@ -147,10 +162,11 @@ class Summary:
 
     def line(self, task: int, num_tasks: int) -> str:
         rate = self.rate
+        captions = f"; captions truncated {self.captions_truncated}" if self.captioned else ""
         return (
             f"shard_latents task {task}/{num_tasks}: videos ok {self.videos_ok}, failed "
             f"{self.videos_failed}; clips {self.clips}; shards written {self.shards}, skipped as done "
-            f"{self.shards_skipped}; {rate:.2f} clips/s in {self.seconds:.1f} s"
+            f"{self.shards_skipped}{captions}; {rate:.2f} clips/s in {self.seconds:.1f} s"
         )
 
 
@@ -174,10 +190,12 @@ class Job:
     decode_threads: int = 1
     tmp_dir: str | None = None
     progress: bool = True
+    text: TextEncoder | None = None  # encodes the manifest's captions; None = no captions
 
     @cached_property
     def facts(self) -> DatasetFacts:
         spec = self.spec
+        text = self.text
         return DatasetFacts(
             vae=self.vae_id,
             scaling_factor=self.encoder.scaling_factor,
@@ -186,6 +204,10 @@ class Job:
             frame_interval=spec.frame_interval,
             image_size=spec.image_size,
             classes=list(self.classes),
+            text_encoder=text.name if text else "",
+            caption_channels=text.width if text else 0,
+            max_caption_tokens=text.max_length if text else 0,
+            null_caption=NULL_CAPTION_NAME if text else "",
         )
 
     @cached_property
@@ -206,7 +228,8 @@ class Job:
 
     def settings(self) -> dict:
         """What makes two runs the same job (kept in DST/job.json; device, dtype, workers may change)."""
-        listing = hashlib.sha256(json.dumps([(v.path, v.label) for v in self.inputs]).encode()).hexdigest()
+        rows = [(v.path, v.label, *([list(v.captions or ())] if self.text else [])) for v in self.inputs]
+        listing = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
         return {
             "format": JOB_FORMAT,
             "inputs": len(self.inputs),
@@ -217,7 +240,7 @@ class Job:
             "prefix": self.prefix,
             "clips_per_video": self.spec.clips_per_video,
             "flip": self.flip,
-            "facts": dataclasses.asdict(self.facts),
+            "facts": self.facts.to_json(),
         }
 
     def failures(self, done: Done) -> list[dict[str, str]]:
@@ -257,6 +280,7 @@ def run_task(job: Job) -> Summary:
     chunks, names = job.chunks(job.task)
     done = finished_chunks(load_part(job.output, job.task), chunks, names, job.output)
     summary = Summary(shards_skipped=sum(shard is not None for shard, _ in done.values()))
+    summary.captioned = job.text is not None
     todo = [c for c in range(len(chunks)) if c not in done]
     total, skipped = sum(map(len, chunks)), sum(len(chunks[c]) for c in done)
     log.info(
@@ -270,6 +294,9 @@ def run_task(job: Job) -> Summary:
         job.encoder,
     )
     _remove_stale_temps(job)
+    if job.text is not None and not storage.exists(storage.join(job.output, NULL_CAPTION_NAME)):
+        (null,), _ = job.text.encode([""])  # (L0, D): the empty prompt, the null condition of guidance
+        save_null_caption(job.output, null)
     if not chunks:  # more tasks than inputs: an empty part still tells the merge that this task is done
         save_index(DatasetIndex(job.facts), part_url(job.output, job.task))
     items = iter(clip_loader([v for c in todo for v in chunks[c]], job.spec, job.workers, job.decode_threads))
@@ -295,14 +322,21 @@ def _write_chunk(
     for _ in range(videos):
         item = next(items)
         video, clips = item["input"], item["clips"]
-        if clips is None:
-            failures.append({"input": video.path, "error": item["error"]})
-            log.warning("failed: %s: %s", video.path, item["error"])
+        error = item["error"] if clips is None else None
+        if error is None and job.text is not None:
+            error = caption_problem(video, job.spec)
+        if error is not None:
+            failures.append({"input": video.path, "error": error})
+            log.warning("failed: %s: %s", video.path, error)
             summary.videos_failed += 1
         else:
+            captions = encode_captions(job.text, video, clips, job.spec) if job.text is not None else None
             mean, std = job.encoder.encode_clips(clips.pixels, job.flip)
             shard = shard or ShardFile(storage.join(job.output, name), job.tmp_dir)
-            for sample in clip_samples(video, clips, mean, std, job.flip):
+            truncated = len({c.text for c in captions if c.truncated}) if captions else 0
+            shard.captions_truncated += truncated
+            summary.captions_truncated += truncated
+            for sample in clip_samples(video, clips, mean, std, job.flip, captions):
                 shard.write(sample)
                 summary.clips += 1
                 if kill_after is not None and summary.clips >= kill_after:
@@ -311,6 +345,41 @@ def _write_chunk(
         bar.update(1)
         bar.set_postfix(clips_s=f"{summary.rate:.1f}", failed=summary.videos_failed, refresh=False)
     return (shard.publish(job.task) if shard else None), failures
+
+
+def caption_problem(video: VideoInput, spec: ClipSpec) -> str | None:
+    """Why ``video`` cannot be captioned (one line for the index's ``failed``), or None."""
+    if not video.captions:
+        return "no caption in the manifest"
+    if any(not c.strip() for c in video.captions):
+        return "empty caption in the manifest"
+    given, windows = len(video.captions), spec.clips_per_video
+    if given not in (1, windows):
+        return f"the manifest gives {given} captions; one, or one per clip window ({windows}), is needed"
+    return None
+
+
+def clip_captions(video: VideoInput, windows: int, total_frames: int, spec: ClipSpec) -> list[str]:
+    """The caption of each of a video's ``windows`` clips: its one caption, or the one of the window slot
+    each clip took (``video.window_slots``)."""
+    assert video.captions
+    if len(video.captions) == 1:
+        return [video.captions[0]] * windows
+    return [video.captions[k] for k in window_slots(total_frames, spec)]
+
+
+def encode_captions(text: TextEncoder, video: VideoInput, clips: VideoClips, spec: ClipSpec) -> list[Caption]:
+    """Each clip's caption, encoded: a video's distinct captions in one call, so they do not depend on what
+    else the job does (and ``add_captions`` gets the same bytes)."""
+    texts = clip_captions(video, len(clips.frame_indices), clips.total_frames, spec)
+    distinct = list(dict.fromkeys(texts))
+    embeds, _ = text.encode(distinct)
+    cut = {t: n > text.max_length for t, n in zip(distinct, text.token_counts(distinct), strict=True)}
+    by_text = {t: Caption(t, e, cut[t]) for t, e in zip(distinct, embeds, strict=True)}
+    for caption in distinct:
+        if cut[caption]:
+            log.info("caption of %s cut to %d tokens: %.60s...", video.path, text.max_length, caption)
+    return [by_text[t] for t in texts]
 
 
 def incomplete_tasks(job: Job) -> list[int]:
@@ -346,13 +415,13 @@ def maybe_merge(job: Job) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit code 2, like every other preflight error
         raise JobError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m data_pipeline.shard_latents", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m data_pipeline.shard_latents", description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--input", required=True, help="video directory or .csv/.jsonl manifest (local or s3://)")
     add("--output", required=True, help="output directory or s3://bucket/prefix")
@@ -374,6 +443,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--devices", default="", help="comma-separated devices: one sub-process (sub-task) per device")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: fp32 CPU, bf16 GPU")
     add("--vae-batch", type=int, default=32, help="frames per VAE encode call")
+    add(
+        "--text-encoder",
+        default=None,
+        help="T5 encoder + tokenizer (local directory or hub id) for the manifest's captions (default: none)",
+    )
+    add(
+        "--max-caption-tokens",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        help="longer captions are cut and counted",
+    )
+    add(
+        "--text-dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="text encoder: auto fp32 CPU, bf16 GPU",
+    )
+    add("--text-batch", type=int, default=32, help="captions per text encoder call")
     workers = min(4, max(1, (os.cpu_count() or 2) - 1))
     add(
         "--workers",
@@ -415,6 +502,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         "decode_threads": 1,
         "samples_per_shard": 1,
         "workers": 0,
+        "max_caption_tokens": 1,
+        "text_batch": 1,
     }
     for name, low in at_least.items():
         value = getattr(args, name)
@@ -428,7 +517,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise JobError(f"--tmp-dir must be a local folder, got '{args.tmp_dir}'")
 
 
-def _device(name: str | None) -> torch.device:
+def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -440,11 +529,29 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+def _text_encoder(
+    args: argparse.Namespace, inputs: list[VideoInput], device: torch.device
+) -> TextEncoder | None:
+    """The text encoder of ``--text-encoder``, once the inputs are known to have captions."""
+    if args.text_encoder is None:
+        if any(v.captions for v in inputs):
+            log.info("the manifest's captions are not stored: no --text-encoder given")
+        return None
+    if not any(v.captions for v in inputs):
+        raise JobError(
+            f"--text-encoder given, but '{args.input}' gives no captions (a .csv manifest with a 'caption' "
+            'column, or a .jsonl one with "caption"/"captions")'
+        )
+    return load_text_encoder(
+        args.text_encoder, device, args.text_dtype, args.max_caption_tokens, args.text_batch
+    )
+
+
 def prepare(args: argparse.Namespace) -> Job:
     """Check everything before any work (``JobError``): arguments, inputs, output, VAE, an earlier run."""
     _check_numbers(args)
     task, num_tasks = task_from_env(args)
-    device = _device(args.device)
+    device = pick_device(args.device)
     try:
         inputs, classes = list_inputs(args.input)
         if storage.is_s3(args.output) and args.tmp_dir is not None:  # else shards are written beside DST
@@ -454,7 +561,8 @@ def prepare(args: argparse.Namespace) -> Job:
             args.vae, device, args.dtype, args.scaling_factor, args.vae_subfolder, args.vae_batch
         )
         shape = encoder.latent_shape(args.num_frames, args.image_size)
-    except (InputError, storage.StorageError, VaeError) as exc:
+        text = _text_encoder(args, inputs, device)
+    except (InputError, storage.StorageError, VaeError, TextEncoderError) as exc:
         raise JobError(str(exc)) from None
     per_video = args.clips_per_video * (2 if args.flip else 1)
     per_shard = args.samples_per_shard or max(1, SHARD_BYTES // (4 * int(np.prod(shape)) + 4096))
@@ -476,6 +584,7 @@ def prepare(args: argparse.Namespace) -> Job:
         decode_threads=args.decode_threads,
         tmp_dir=args.tmp_dir,
         progress=not args.no_progress,
+        text=text,
     )
     check_job_record(job)
     return job

@@ -2,7 +2,9 @@
 published all at once (local: renamed into place; S3: uploaded whole).
 
 Sample fields: ``__key__`` = ``{input:08d}_c{clip:02d}`` (+ ``_flip``), ``latent.npy`` / ``latent_std.npy``
-(F, C, h, w) float16 (posterior mean / std x the VAE scaling factor), ``cls`` (labelled data only), ``json``.
+(F, C, h, w) float16 (posterior mean / std x the VAE scaling factor), ``cls`` (labelled data only),
+``caption.npy`` (L, D) float16 (the text encoder's hidden states of the caption's real tokens) and
+``caption.txt`` (the caption, UTF-8) (captioned data only), ``json``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import json
 import os
 import posixpath
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.index import ShardInfo
+from data_pipeline.latent_sample import CAPTION, CAPTION_TEXT
 from data_pipeline.video import VideoClips, VideoInput
 from latte.files import temp_path as local_temp_path
 
@@ -60,6 +64,9 @@ class ShardFile:
         import webdataset as wds
 
         self.url, self.samples = url, 0
+        self.captions_truncated = (
+            0  # captions of its samples cut to the text encoder's length (the caller counts)
+        )
         self.tmp = str(temp_path(url, tmp_dir))
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in publish()
         self._hashing = _HashingFile(self._file)
@@ -78,14 +85,35 @@ class ShardFile:
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
         digest = self._hashing.sha.hexdigest()
-        return ShardInfo(posixpath.basename(self.url), self.samples, self._hashing.bytes, digest, task)
+        name, size = posixpath.basename(self.url), self._hashing.bytes
+        return ShardInfo(name, self.samples, size, digest, task, self.captions_truncated)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """The caption of one clip: its text, its (L, D) float16 embedding, and whether it was cut to L."""
+
+    text: str
+    embedding: np.ndarray
+    truncated: bool = False
+
+
+def caption_members(caption: Caption) -> dict[str, bytes]:
+    """The tar members of a sample's caption."""
+    return {CAPTION: npy_bytes(caption.embedding.astype(np.float16)), CAPTION_TEXT: caption.text.encode()}
 
 
 def clip_samples(
-    video: VideoInput, clips: VideoClips, mean: np.ndarray, std: np.ndarray, flip: bool
+    video: VideoInput,
+    clips: VideoClips,
+    mean: np.ndarray,
+    std: np.ndarray,
+    flip: bool,
+    captions: list[Caption] | None = None,
 ) -> list[dict[str, bytes | str]]:
     """The samples of one video, from ``mean``/``std`` (K', F, C, h, w) as ``LatentEncoder.encode_clips``
-    returns them (with ``flip``, each mirrored clip right after its original)."""
+    returns them (with ``flip``, each mirrored clip right after its original); ``captions``: one per clip
+    (a mirrored clip has its original's)."""
     samples = []
     for s in range(mean.shape[0]):
         clip, flipped = divmod(s, 2) if flip else (s, 0)
@@ -105,6 +133,11 @@ def clip_samples(
         if video.label is not None:
             meta["label"] = video.label
             sample["cls"] = str(video.label).encode()
+        if captions is not None:
+            caption = captions[clip]
+            meta["caption_tokens"] = int(caption.embedding.shape[0])
+            meta["caption_truncated"] = caption.truncated
+            sample.update(caption_members(caption))
         sample["json"] = json.dumps(meta, sort_keys=True).encode()
         samples.append(sample)
     return samples

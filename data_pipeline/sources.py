@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from data_pipeline.index import DatasetFacts
-from latte.config import Config, ConfigError
+from latte.config import Config, ConfigError, caption_channels_of
 
 
 @runtime_checkable
@@ -39,12 +41,17 @@ class BatchSource(Protocol):
         """Continue from ``state``; call it before iterating."""
         ...
 
+    def null_caption(self) -> np.ndarray | None:
+        """The empty prompt's (L0, D) embedding (the null condition of captioned data), else None."""
+        ...
+
 
 def open_batches(cfg: Config, rank: int, world_size: int, device_type: str) -> BatchSource:
     """The batch source of data-parallel ``rank`` of ``world_size`` (``device_type``: "cuda" pins batches).
 
     Raises ``ConfigError`` (one line) for an index that cannot be read, a missing shard, or an index that
-    disagrees with the config (latent shape, VAE scaling factor, classes)."""
+    disagrees with the config (latent shape, VAE scaling factor, classes, caption width)."""
+    caption_channels = caption_channels_of(cfg.model)  # 0: the model takes no captions
     if not cfg.data.index:
         from data_pipeline.synthetic import SyntheticStream
 
@@ -58,12 +65,13 @@ def open_batches(cfg: Config, rank: int, world_size: int, device_type: str) -> B
             rank=rank,
             world_size=world_size,
             accumulation=cfg.train.gradient_accumulation_steps,
+            caption_channels=caption_channels,
         )
     from data_pipeline.loader import Expected, LatentLoader, LoaderError  # (its imports are heavier)
 
     size = cfg.data.latent_size
     shape = (cfg.data.num_frames, cfg.model.in_channels, size, size)  # (F, C, h, w) the model is built for
-    expected = Expected(shape, cfg.data.scaling_factor, cfg.model.num_classes)
+    expected = Expected(shape, cfg.data.scaling_factor, cfg.model.num_classes, caption_channels)
     try:
         return LatentLoader(
             cfg.data.index,

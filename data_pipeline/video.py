@@ -3,6 +3,15 @@ a DataLoader that does it in worker processes.
 
 Inputs (``list_inputs``): a directory or S3 prefix (class = sorted first-level folder, as UCF101 is laid
 out) or a ``.csv``/``.jsonl`` manifest of ``path[,label]``; sorted by path, numbered by position.
+Manifests may give captions (for the text encoder of the sharding job):
+
+    CSV, with a header naming the columns: ``path,caption`` or ``path,label,caption`` (quoted as CSV quotes:
+        "a dog, running"): one caption per video, for each of its clips. (Without a header the second
+        column is the label, as before.)
+    JSONL: ``{"path": ..., "caption": "..."}`` (one per video), or ``{"path": ..., "captions": [...]}``, one
+        caption per clip window: entry k describes window k of the ``clips_per_video`` windows spread
+        evenly over the video (``window_slots``; a short video with room for fewer distinct windows keeps
+        the captions of the slots its windows take). "label" may be given beside either.
 
 A *window* is ``num_frames`` frames taken every ``frame_interval`` frames (the reference's temporal window of
 num_frames x interval): frames ``start, start + I, ..., start + (F - 1) * I``, spanning ``(F - 1) * I + 1``
@@ -56,60 +65,92 @@ class VideoInput:
     position: int  # index in the path-sorted input list: the stable name of the video
     path: str
     label: int | None
+    # from the manifest: one caption (for every clip) or one per clip window; None = none given
+    captions: tuple[str, ...] | None = None
 
 
-def _manifest_rows(src: str) -> list[tuple[str, str | None]]:
-    """(path, label or None) rows of a CSV (``path[,label]``, optional header) or JSONL manifest."""
+Row = tuple[str, str | None, tuple[str, ...] | None]  # (path, label, captions) of a manifest line
+
+
+def _jsonl_row(item: dict) -> Row:
+    label, caption, captions = item.get("label"), item.get("caption"), item.get("captions")
+    if caption is not None and captions is not None:
+        raise ValueError("both caption and captions")
+    if caption is not None:
+        captions = [caption]
+    if captions is not None and not all(isinstance(c, str) for c in captions):
+        raise TypeError("captions must be strings")
+    return (
+        str(item["path"]),
+        None if label is None else str(label),
+        None if captions is None else tuple(captions),
+    )
+
+
+def _cell(row: list[str], at: int | None) -> str | None:
+    """Column ``at`` of a CSV row, stripped; None where it is empty or absent."""
+    return (row[at].strip() or None) if at is not None and len(row) > at else None
+
+
+def _manifest_rows(src: str) -> list[Row]:
+    """(path, label or None, captions or None) rows of a CSV (``path[,label]``, or named columns after a
+    header) or JSONL manifest."""
     try:
         text = storage.read_bytes(src).decode("utf-8")
     except (storage.StorageError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read the manifest '{src}': {first_line(exc)}") from None
-    rows: list[tuple[str, str | None]] = []
+    rows: list[Row] = []
     if src.lower().endswith(".jsonl"):
         for number, line in enumerate(text.splitlines(), 1):
             try:
-                item = json.loads(line) if line.strip() else None
-                if item is not None:
-                    label = item.get("label")
-                    rows.append((str(item["path"]), None if label is None else str(label)))
+                if line.strip():
+                    rows.append(_jsonl_row(json.loads(line)))
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise InputError(
-                    f'manifest \'{src}\' line {number}: expected {{"path": ..., "label": ...}}'
+                    f'manifest \'{src}\' line {number}: expected {{"path": ..., "label": ..., '
+                    f'"caption": "..." or "captions": ["...", ...]}}'
                 ) from None
         return rows
+    label_at, caption_at = 1, None  # columns; a header naming a caption column names them all
     for row in csv.reader(io.StringIO(text)):
         if not row or not row[0].strip() or row[0].startswith("#"):
             continue
         if not rows and row[0].strip().lower() == "path":  # a header
+            names = [name.strip().lower() for name in row]
+            if "caption" in names:
+                label_at = names.index("label") if "label" in names else None
+                caption_at = names.index("caption")
             continue
-        rows.append((row[0].strip(), row[1].strip() if len(row) > 1 and row[1].strip() else None))
+        caption = _cell(row, caption_at)
+        rows.append((row[0].strip(), _cell(row, label_at), None if caption is None else (caption,)))
     return rows
 
 
-def _numbered(
-    rows: list[tuple[str, str | None]], src: str, integer_labels: bool
-) -> tuple[list[VideoInput], list[str]]:
+def _numbered(rows: list[Row], src: str, integer_labels: bool) -> tuple[list[VideoInput], list[str]]:
     """Sort rows by path and number the classes: labels must be given for all rows or none. With
     ``integer_labels`` (manifests) labels that are all integers are used as they are; otherwise (and for
     folder names) class k is the k-th name in sorted order."""
     rows = sorted(rows, key=lambda r: r[0])
-    twice = next((a for (a, _), (b, _) in zip(rows, rows[1:], strict=False) if a == b), None)
+    twice = next((a[0] for a, b in zip(rows, rows[1:], strict=False) if a[0] == b[0]), None)
     if twice is not None:
         raise InputError(f"'{src}' lists '{twice}' more than once")
-    labelled = {label is not None for _, label in rows}
+    labelled = {label is not None for _, label, _ in rows}
     if labelled == {True, False}:
         raise InputError(f"'{src}': some videos have a label (class folder, manifest column) and some do not")
     if not rows:
         raise InputError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) found in '{src}'")
     if labelled == {False}:
-        return [VideoInput(i, path, None) for i, (path, _) in enumerate(rows)], []
-    names = sorted({str(label) for _, label in rows})
+        return [VideoInput(i, path, None, captions) for i, (path, _, captions) in enumerate(rows)], []
+    names = sorted({str(label) for _, label, _ in rows})
     if integer_labels and all(re.fullmatch(r"\d+", name) for name in names):
         classes = [str(k) for k in range(max(int(n) for n in names) + 1)]
         number = {name: int(name) for name in names}
     else:
         classes, number = names, {name: k for k, name in enumerate(names)}
-    return [VideoInput(i, path, number[str(label)]) for i, (path, label) in enumerate(rows)], classes
+    inputs = [
+        VideoInput(i, path, number[str(label)], captions) for i, (path, label, captions) in enumerate(rows)
+    ]
+    return inputs, classes
 
 
 def list_inputs(src: str) -> tuple[list[VideoInput], list[str]]:
@@ -123,8 +164,8 @@ def list_inputs(src: str) -> tuple[list[VideoInput], list[str]]:
     if src.lower().endswith((".csv", ".jsonl")):
         base = posixpath.dirname(src) if storage.is_s3(src) else str(Path(src).parent)
         rows = [
-            (p if storage.is_s3(p) or os.path.isabs(p) else storage.join(base, p), label)
-            for p, label in _manifest_rows(src)
+            (p if storage.is_s3(p) or os.path.isabs(p) else storage.join(base, p), label, captions)
+            for p, label, captions in _manifest_rows(src)
         ]
         return _numbered(rows, src, integer_labels=True)
     if not storage.is_s3(src) and not Path(src).is_dir():
@@ -138,7 +179,7 @@ def list_inputs(src: str) -> tuple[list[VideoInput], list[str]]:
     for path in files:
         relative = path[len(root) :] if storage.is_s3(src) else Path(path).relative_to(src).as_posix()
         if path.lower().endswith(VIDEO_EXTENSIONS) and not posixpath.basename(path).startswith("."):
-            rows.append((path, relative.split("/", 1)[0] if "/" in relative else None))
+            rows.append((path, relative.split("/", 1)[0] if "/" in relative else None, None))
     return _numbered(rows, src, integer_labels=False)
 
 
@@ -177,13 +218,26 @@ def plan_windows(total_frames: int, spec: ClipSpec) -> tuple[int, list[list[int]
     frames = spec.num_frames
     if total_frames < frames:
         raise VideoError(f"video has {total_frames} frames, fewer than num_frames={frames}")
-    interval = spec.frame_interval
+    interval, spread = _spread_starts(total_frames, spec)
+    windows = [[int(s) + j * interval for j in range(frames)] for s in np.unique(spread)]
+    return interval, windows
+
+
+def _spread_starts(total_frames: int, spec: ClipSpec) -> tuple[int, np.ndarray]:
+    """(interval used, the ``clips_per_video`` evenly spread window starts, repeats included)."""
+    frames, interval = spec.num_frames, spec.frame_interval
     if frames > 1:  # the largest interval I <= requested with (F - 1) * I + 1 <= total
         interval = min(interval, (total_frames - 1) // (frames - 1))
     span = (frames - 1) * interval + 1
-    starts = np.unique(np.round(np.linspace(0, total_frames - span, spec.clips_per_video)).astype(int))
-    windows = [[int(s) + j * interval for j in range(frames)] for s in starts]
-    return interval, windows
+    return interval, np.round(np.linspace(0, total_frames - span, spec.clips_per_video)).astype(int)
+
+
+def window_slots(total_frames: int, spec: ClipSpec) -> list[int]:
+    """For each window ``plan_windows`` gives, the first of the ``clips_per_video`` evenly spread slots that
+    fell on its start: window j takes per-window caption ``window_slots(...)[j]`` (all slots, 0..K-1, unless
+    the video is too short for K distinct windows)."""
+    _, spread = _spread_starts(total_frames, spec)
+    return [int(i) for i in np.unique(spread, return_index=True)[1]]
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:

@@ -7,13 +7,53 @@ import dataclasses
 import torch
 
 import latte.models.attention as attention_kernels
-from latte.config import Config, ConfigError, resolved_arch
+from latte.config import Config, ConfigError, caption_channels_of, resolved_arch
 from latte.diffusion import create_diffusion
-from latte.models import Latte
+from latte.errors import first_line
+from latte.models import Latte, LatteT2V
+from latte.models.diffusers_io import check_state_dict, read_weights
 
 
-def build_model(cfg: Config) -> Latte:
-    """The Latte model the config describes (fp32 parameters; precision is the training engine's business)."""
+def build_model(cfg: Config) -> Latte | LatteT2V:
+    """The model the config describes (fp32 parameters; precision is the training engine's business): the
+    class-conditional/unconditional ``Latte``, or for a text-to-video flavor ``LatteT2V``, whose weights
+    come from ``model.init_from`` (a diffusers transformer folder) when it is set."""
+    m = cfg.model
+    if caption_channels_of(m):
+        model = build_t2v(cfg)
+    else:
+        model = _build_latte(cfg)
+    if m.compile:
+        compile_blocks(model)
+    return model
+
+
+def build_t2v(cfg: Config) -> LatteT2V:
+    m, arch = cfg.model, resolved_arch(cfg)
+    model = LatteT2V(
+        input_size=cfg.data.latent_size,
+        patch_size=arch.patch_size,
+        in_channels=m.in_channels,
+        out_channels=m.in_channels * (2 if m.learn_sigma else 1),
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        caption_channels=arch.caption_channels,
+        num_frames=cfg.data.num_frames,
+        attention=m.attention,
+        gradient_checkpointing=m.gradient_checkpointing,
+    )
+    if m.init_from:
+        try:
+            weights = read_weights(m.init_from)
+            check_state_dict(model, weights, f"model.init_from '{m.init_from}'")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.init_from: {first_line(exc)}") from None
+        model.load_state_dict(weights)
+    return model
+
+
+def _build_latte(cfg: Config) -> Latte:
     m = cfg.model
     model = Latte(
         input_size=cfg.data.latent_size,
@@ -26,8 +66,6 @@ def build_model(cfg: Config) -> Latte:
         gradient_checkpointing=m.gradient_checkpointing,
         **dataclasses.asdict(resolved_arch(cfg)),
     )
-    if m.compile:
-        compile_blocks(model)
     return model
 
 
@@ -35,7 +73,12 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
     """Regional ``torch.compile`` (as torchtitan compiles per block): each transformer block's forward is
     compiled on its own, so the graphs stay small, the two block kinds (spatial, temporal) compile once each,
     and the module tree, its hooks (DeepSpeed ZeRO-3's gathers) and state-dict keys stay as they are."""
-    for block in model.blocks:
+    blocks = (
+        [*model.transformer_blocks, *model.temporal_transformer_blocks]
+        if isinstance(model, LatteT2V)
+        else model.blocks
+    )
+    for block in blocks:
         block.forward = torch.compile(block.forward, backend=backend)
 
 

@@ -351,7 +351,10 @@ def dataset_record(cfg: Config, data) -> dict[str, Any] | None:
     facts = getattr(data, "facts", None)  # the dataset index's facts; None for synthetic data
     if facts is None:
         return None
-    return {"index": cfg.data.index, "vae": facts.vae, "scaling_factor": facts.scaling_factor}
+    record = {"index": cfg.data.index, "vae": facts.vae, "scaling_factor": facts.scaling_factor}
+    if getattr(facts, "text_encoder", ""):  # captioned data: the T5 that sampling encodes prompts with
+        record["text_encoder"] = facts.text_encoder
+    return record
 
 
 class CheckpointManager:

@@ -129,8 +129,85 @@ class ClassLabels:
         return {"class": self.class_of(sample, index)}
 
 
-def conditioning_of(model: ModelConfig) -> Conditioning:
-    """The conditioning a model config describes."""
+@dataclass(frozen=True)
+class TextCaptions:
+    """Text-to-video (Latte-1): caption embeddings of a T5 encoder, ``encoder_hidden_states`` (N, L, D) and
+    ``encoder_attention_mask`` (N, L) bool (True = real token), passed to the model in training and in
+    sampling. The null condition (caption dropout, guidance) is the empty prompt's embedding
+    (``null_caption`` (L0, D), recorded in the dataset's index; a negative prompt's in sampling).
+
+    For sampling, ``prompts`` (texts, cycled over the samples as classes are) with their embeddings
+    ``prompt_embeds`` ((L_i, D) each) are set by the entry point that encoded them."""
+
+    caption_channels: int
+    dropout_prob: float
+    null_caption: Tensor | None = None  # (L0, D)
+    prompts: tuple[str, ...] = ()
+    prompt_embeds: tuple[Tensor, ...] = ()
+    batch_keys: tuple[str, ...] = ("encoder_hidden_states", "encoder_attention_mask")
+
+    def _null(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The null condition padded to ``length`` tokens: (1, L, D) embeddings and (1, L) mask."""
+        if self.null_caption is None:
+            raise RequestError("the null caption (the empty prompt's embedding) is unknown")
+        return pad_captions([self.null_caption], length, device)
+
+    def training_kwargs(self, batch: dict, device: torch.device, drop: Tensor | None) -> dict[str, Tensor]:
+        states = to_device(batch["encoder_hidden_states"], device, torch.float32)  # (B, L, D)
+        mask = to_device(batch["encoder_attention_mask"], device)  # (B, L) bool
+        if drop is not None:  # caption dropout: the dropped samples get the empty prompt
+            null_states, null_mask = self._null(states.shape[1], device)  # (1, L, D), (1, L)
+            dropped = drop.to(device) == 1  # (B,)
+            states = torch.where(dropped[:, None, None], null_states, states)
+            mask = torch.where(dropped[:, None], null_mask, mask)
+        return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+    def check_request(self, sample: SampleConfig) -> None:
+        if sample.classes:
+            raise RequestError("sample.classes given, but the model is text-to-video: give prompts instead")
+
+    def for_samples(self, sample: SampleConfig, indices: list[int], device: torch.device) -> Condition:
+        if not self.prompt_embeds:
+            raise RequestError("a text-to-video model samples from prompts: give --prompt or --prompts FILE")
+        chosen = [self.prompt_embeds[i % len(self.prompt_embeds)] for i in indices]
+        length = max(len(e) for e in chosen)
+        states, mask = pad_captions(chosen, length, device)  # (N, L, D), (N, L)
+        kwargs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        null = None
+        if self.null_caption is not None:
+            length = max(length, len(self.null_caption))
+            kwargs = dict(zip(kwargs, pad_captions(chosen, length, device), strict=True))
+            null_states, null_mask = self._null(length, device)  # (1, L, D), (1, L)
+            null = {
+                "encoder_hidden_states": null_states.expand(len(indices), -1, -1),
+                "encoder_attention_mask": null_mask.expand(len(indices), -1),
+            }
+        return Condition(kwargs, null)
+
+    def describe(self, sample: SampleConfig, index: int) -> dict:
+        return {"prompt": self.prompts[index % len(self.prompts)] if self.prompts else None}
+
+
+def pad_captions(embeds: list[Tensor], length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Unpadded caption embeddings ((L_i, D) each, L_i <= length) -> (N, L, D) float32, zeros after each
+    caption's tokens, and the (N, L) bool mask of the real tokens."""
+    width = embeds[0].shape[-1]
+    states = torch.zeros(len(embeds), length, width, device=device)  # (N, L, D)
+    mask = torch.zeros(len(embeds), length, dtype=torch.bool, device=device)  # (N, L)
+    for i, e in enumerate(embeds):
+        states[i, : len(e)] = e.to(device, torch.float32)
+        mask[i, : len(e)] = True
+    return states, mask
+
+
+def conditioning_of(model: ModelConfig, null_caption: Tensor | None = None) -> Conditioning:
+    """The conditioning a model config describes (``null_caption``: the empty prompt's embedding, for a
+    text-to-video model: from the dataset's index in training)."""
+    from latte.config import caption_channels_of
+
+    channels = caption_channels_of(model)
+    if channels:
+        return TextCaptions(channels, model.caption_dropout_prob, null_caption)
     if model.num_classes:
         return ClassLabels(model.num_classes, model.class_dropout_prob)
     return Unconditional()

@@ -42,10 +42,16 @@ RETIRED_KEYS: dict[str, str | None] = {}
 
 @dataclass
 class ModelConfig:
-    name: str = "Latte-XL/2"  # a flavor of LATTE_MODELS: "Latte-S/2" ... "Latte-XL/8", or tiny "Latte-T/2"
+    # a flavor of LATTE_MODELS: "Latte-S/2" ... "Latte-XL/8", or tiny "Latte-T/2"; text-to-video (LatteT2V):
+    # "LatteT2V-XL/2" (= "Latte-1"), or tiny "LatteT2V-T/2"
+    name: str = "Latte-XL/2"
     num_classes: int = 0  # 0 = unconditional; N = class-conditional with N classes (UCF101: 101)
     learn_sigma: bool = True  # predict the variance interpolation too (2C output channels), as released
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (class-conditional only)
+    caption_dropout_prob: float = 0.1  # text-to-video: captions replaced by the empty prompt's, for guidance
+    init_from: str = (
+        ""  # text-to-video: start from a diffusers transformer folder (e.g. Latte-1's transformer/)
+    )
     in_channels: int = 4  # latent channels of the VAE
     # auto | flash3 | flash | xformers | sdpa | math (math = the original's reference path). On CUDA an
     # explicit backend that cannot run is an error naming why; auto takes the fastest that can (rank 0 says).
@@ -136,6 +142,11 @@ class SampleConfig:
     fps: int = 8  # frame rate of the written videos (the reference's 8)
     total_frames: int = 0  # frames per video; 0 = data.num_frames; more = clips extended autoregressively
     overlap: int | None = None  # latent frames a clip shares with the previous one; None = num_frames // 4
+    # text-to-video: prompts cycled over the samples (or --prompt / --prompts FILE), the negative prompt (the
+    # null condition of guidance; "" = the empty prompt), the T5 encoder ("" = the dataset index's)
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
+    text_encoder: str = ""
 
 
 @dataclass
@@ -341,16 +352,30 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resolved_arch(cfg: Config):
-    """The model's architecture: its flavor with any overrides applied."""
-    from latte.models.flavors import LATTE_ARCHS
+    """The model's architecture: its flavor (``LatteArch``, or ``LatteT2VArch`` for a text-to-video one)
+    with any overrides applied (``model.depth`` counts blocks for both: a T2V model has depth / 2 pairs)."""
+    from latte.models.flavors import LATTE_ARCHS, LATTE_T2V_ARCHS
 
     m = cfg.model
-    if m.name not in LATTE_ARCHS:
-        close = difflib.get_close_matches(m.name, list(LATTE_ARCHS), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else f"; choose one of {', '.join(LATTE_ARCHS)}"
+    names = {**LATTE_ARCHS, **LATTE_T2V_ARCHS}
+    if m.name not in names:
+        close = difflib.get_close_matches(m.name, list(names), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; choose one of {', '.join(names)}"
         raise ConfigError(f"model.name '{m.name}' is not a Latte flavor{hint}")
-    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")}
-    return dataclasses.replace(LATTE_ARCHS[m.name], **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: getattr(m, k) for k in ("hidden_size", "num_heads", "patch_size")}
+    if m.name in LATTE_T2V_ARCHS:
+        overrides["num_layers"] = None if m.depth is None else m.depth // 2
+    else:
+        overrides["depth"] = m.depth
+    return dataclasses.replace(names[m.name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def caption_channels_of(model: ModelConfig) -> int:
+    """The caption width a text-to-video flavor takes (its text encoder's); 0 for the other models."""
+    from latte.models.flavors import LATTE_T2V_ARCHS
+
+    arch = LATTE_T2V_ARCHS.get(model.name)
+    return arch.caption_channels if arch is not None else 0
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -428,8 +453,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"hidden size {arch.hidden_size} must be a multiple of 4 for the sin-cos tables")
     if arch.depth < 2 or arch.depth % 2:
         raise ConfigError(f"model depth {arch.depth} must be even and >= 2 (spatial/temporal pairs)")
-    if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
-        raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
+    for key in ("class_dropout_prob", "caption_dropout_prob"):
+        if not 0.0 <= getattr(cfg.model, key) < 1.0:
+            raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(cfg.model, key)}")
+    if caption_channels_of(cfg.model) and cfg.model.num_classes:
+        raise ConfigError(
+            f"{cfg.model.name} is text-to-video: it is conditioned on captions, not classes "
+            f"(model.num_classes must be 0, got {cfg.model.num_classes})"
+        )
     if not 0.0 <= cfg.train.ema_decay <= 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1], got {cfg.train.ema_decay}")
     for key in (
@@ -438,6 +469,7 @@ def validate(cfg: Config) -> None:
         "train.clip_max_norm",
         "train.ema_decay",
         "model.class_dropout_prob",
+        "model.caption_dropout_prob",
         "sample.cfg_scale",
         "sample.eta",
     ):

@@ -7,6 +7,11 @@
 each loadable with ``LATTE_MODELS[name](...).load_state_dict(sd, strict=True)``. safetensors has one flat
 namespace: keys are ``model.<key>`` / ``ema.<key>``, or the bare model keys with ``--ema-only``. Without
 ``--step`` the newest complete checkpoint of CKPT_DIR is taken. Runs on one CPU process (no process group).
+
+    python -m latte.export CKPT_DIR OUT_DIR --diffusers [--weights model]      (text-to-video models)
+
+writes a diffusers ``LatteTransformer3DModel`` folder (config.json + safetensors) of the EMA (or the raw
+model) weights: ``LattePipeline``'s ``transformer/``, and what ``model.init_from`` starts a run from.
 """
 
 from __future__ import annotations
@@ -52,17 +57,50 @@ def export(
     return step_dir
 
 
+def export_diffusers(
+    source: str | os.PathLike, out: str | os.PathLike, step: int | None = None, weights: str = "ema"
+) -> Path:
+    """Write a text-to-video checkpoint's EMA (``weights="model"``: the raw weights) as a diffusers folder."""
+    from latte.builders import build_model
+    from latte.config import caption_channels_of, resolve_saved
+    from latte.models import to_diffusers
+
+    source = Path(source)
+    step_dir = ckpt.choose(str(source / ckpt.tag_for(step) if step is not None else source), source)
+    cfg = resolve_saved(json.loads((step_dir / ckpt.META).read_text())["config"])
+    if not caption_channels_of(cfg.model):
+        raise ckpt.CheckpointError(
+            f"--diffusers writes text-to-video models; {step_dir} holds {cfg.model.name} (export it as .pt)"
+        )
+    cfg.model.init_from = ""  # the checkpoint's weights, not those the run started from
+    model = build_model(cfg)
+    if weights == "ema":
+        state = torch.load(step_dir / ckpt.EMA_FULL, map_location="cpu", weights_only=True)
+    else:
+        state = ckpt.consolidated_model(step_dir)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    to_diffusers(model, out)
+    return step_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint dir (train.ckpt_dir) or one step_XXXXXXXX dir in it")
-    parser.add_argument("out", help="OUT.pt or OUT.safetensors")
+    parser.add_argument("out", help="OUT.pt or OUT.safetensors (with --diffusers: a folder)")
     parser.add_argument("--step", type=int, help="the step to export (default: the newest complete one)")
     parser.add_argument("--ema-only", action="store_true", help="only the EMA weights (what sampling uses)")
+    parser.add_argument(
+        "--diffusers", action="store_true", help="a diffusers LatteTransformer3DModel folder (text-to-video)"
+    )
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="with --diffusers")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import
     try:
-        step_dir = export(args.checkpoint, args.out, args.step, args.ema_only)
+        if args.diffusers:
+            step_dir = export_diffusers(args.checkpoint, args.out, args.step, args.weights)
+        else:
+            step_dir = export(args.checkpoint, args.out, args.step, args.ema_only)
     except ckpt.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

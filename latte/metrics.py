@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from latte.config import Config, resolved_arch
-from latte.models.flavors import LatteArch
+from latte.models.flavors import LatteArch, LatteT2VArch
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class MetricsLogger:
         cfg: Config | None = None,
         world_size: int = 1,
         device: torch.device | None = None,
+        caption_tokens: int = 0,
     ) -> None:
         self.enabled = enabled
         self.writer = None
@@ -125,7 +126,12 @@ class MetricsLogger:
             t, d, m = cfg.train, cfg.data, cfg.model
             arch = resolved_arch(cfg)
             self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
-            self.flops = flops_per_sample(arch, d.num_frames, d.latent_size, m.in_channels, m.learn_sigma)
+            if isinstance(arch, LatteT2VArch):  # captions padded to ``caption_tokens`` (the loader's length)
+                out = m.in_channels * (2 if m.learn_sigma else 1)
+                args = (arch, d.num_frames, d.latent_size, caption_tokens, m.in_channels, out)
+                self.flops = t2v_flops_per_sample(*args)
+            else:
+                self.flops = flops_per_sample(arch, d.num_frames, d.latent_size, m.in_channels, m.learn_sigma)
             self.tokens_per_sample = d.num_frames * (d.latent_size // arch.patch_size) ** 2
             self.peak, self.device_name = peak_flops(self.device, t.precision, tf32=t.tf32)
         self.start(0)
@@ -201,3 +207,33 @@ def _fmt(key: str, value: float | None) -> str:
     if abs(value) >= 1000:
         return f"{name} {value:,.0f}"
     return f"{name} {value:.4g}"
+
+
+def t2v_flops_per_sample(
+    arch: LatteT2VArch,
+    num_frames: int,
+    latent_size: int,
+    caption_len: int,
+    in_channels: int = 4,
+    out_channels: int = 8,
+    temporal: bool = True,
+) -> FlopsBreakdown:
+    """FLOPs of one clip and its caption of ``caption_len`` tokens through LatteT2V (forward), counted from
+    the shapes of every matmul. Cross-attention: q and the output projection over the video tokens, k/v once
+    per sample over the caption (as the model computes them), scores of every video token against the caption.
+    ``temporal=False``: image mode (spatial blocks only). adaln: adaLN-single's one 6D map per sample; embed:
+    the timestep MLP and the caption projection."""
+    d, p, f, length = arch.hidden_size, arch.patch_size, num_frames, caption_len
+    t = (latent_size // p) ** 2  # tokens per frame
+    n = f * t  # tokens per clip
+    mlp = 4 * d
+    spatial_token = 2 * (4 * d * d + 2 * d * d + 2 * d * mlp)  # self q/k/v/out, cross q/out, fc1 + fc2
+    temporal_token = 2 * (4 * d * d + 2 * d * mlp) if temporal else 0
+    cross_kv = 2 * length * 2 * d * d  # per sample and spatial block
+    patch_in, patch_out = 2 * n * (in_channels * p * p) * d, 2 * n * d * (p * p * out_channels)
+    linear = arch.num_layers * (n * (spatial_token + temporal_token) + cross_kv) + patch_in + patch_out
+    attention = 4 * f * t * t * d + 4 * n * length * d + (4 * t * f * f * d if temporal else 0)
+    attention *= arch.num_layers  # QK^T + AV: self over T, cross over the caption, temporal over F
+    adaln = 2 * d * 6 * d
+    embed = 2 * (256 * d + d * d) + 2 * length * (arch.caption_channels * d + d * d)
+    return FlopsBreakdown(float(linear), float(attention), float(adaln), float(embed))

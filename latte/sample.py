@@ -16,6 +16,7 @@ sampling with one ``error:`` line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 
 from latte.builders import attention_line, build_diffusion, build_model
-from latte.conditioning import conditioning_of
-from latte.config import Config, ConfigError, add_set_argument, sampler_of
+from latte.conditioning import TextCaptions, conditioning_of
+from latte.config import Config, ConfigError, add_set_argument, caption_channels_of, sampler_of
 from latte.engine import configure_cuda_numerics
 from latte.errors import first_line
 from latte.files import atomic_write
@@ -38,6 +39,7 @@ from latte.rendezvous import world_from_env
 from latte.sampling import decoding, media
 from latte.sampling.generate import rank_samples, steps_per_batch, total_frames
 from latte.sampling.progress import Progress
+from latte.sampling.prompts import PromptError, load_prompt_embeds, read_prompt_file
 from latte.sampling.ranks import batches_of, end_group, gather_to_main, start_group
 from latte.sampling.weights import WEIGHTS, check_fits, load_source
 from latte.vae import VaeError, decode, load_autoencoder
@@ -71,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="samples", help="output directory (default: ./samples)")
     p.add_argument("--num-samples", type=int, help="videos to generate (sample.num_samples)")
     p.add_argument("--classes", help="comma-separated class indices, cycled over the samples, e.g. 3,77")
+    p.add_argument("--prompt", action="append", help="text-to-video: a prompt (repeat for more; cycled)")
+    p.add_argument("--prompts", help="text-to-video: a file of prompts, one per line")
+    p.add_argument("--negative-prompt", help="text-to-video: the null condition of guidance (default '')")
+    p.add_argument("--text-encoder", help="text-to-video: the T5 encoder (default: the dataset's)")
+    p.add_argument("--prompt-embeds", help="text-to-video: precomputed prompt embeddings instead of T5 (.pt)")
     p.add_argument("--seed", type=int, help="sample i's noise depends on (seed, i) only")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: ddim for 'ddimN' steps, else ddpm")
     p.add_argument("--steps", help="sampling steps: a respacing such as 250, ddim50 or 10,10,10")
@@ -121,6 +128,94 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, C
     check_fits(model, source.state_dict, source.weights_file, what)
     model.load_state_dict(source.state_dict, strict=True)
     return model.to(device).eval().requires_grad_(False), cfg, source.description, source.dataset
+
+
+def prompt_conditioning(args: argparse.Namespace, cfg: Config, recorded: dict | None, device: torch.device):
+    """The model's conditioning; for a text-to-video model with the prompts (--prompt, --prompts, else
+    sample.prompts) encoded by T5 (--text-encoder, sample.text_encoder, else the dataset's), or read from
+    --prompt-embeds, and the negative prompt's embedding as the null condition."""
+    conditioning = conditioning_of(cfg.model)
+    given = args.prompt or args.prompts or args.prompt_embeds
+    if not isinstance(conditioning, TextCaptions):
+        if given:
+            raise ConfigError(f"prompts given, but {cfg.model.name} is not a text-to-video model")
+        return conditioning
+    try:
+        if args.prompt_embeds:
+            embeds = load_prompt_embeds(args.prompt_embeds, conditioning.caption_channels)
+            prompts, states, negative = embeds.prompts, embeds.embeds, embeds.negative
+            if negative is None and (args.negative_prompt or cfg.sample.negative_prompt):
+                raise PromptError(
+                    "--negative-prompt needs the text encoder; put negative_prompt_embeds in the file"
+                )
+        else:
+            prompts = (args.prompt or []) + (read_prompt_file(args.prompts) if args.prompts else [])
+            prompts = tuple(prompts or cfg.sample.prompts)
+            if not prompts:
+                raise PromptError(
+                    "a text-to-video model samples from prompts: give --prompt or --prompts FILE"
+                )
+            negative_text = (
+                args.negative_prompt if args.negative_prompt is not None else cfg.sample.negative_prompt
+            )
+            encoded = encode_prompts(args, cfg, recorded, device, [*prompts, negative_text])
+            states, negative = tuple(encoded[:-1]), encoded[-1]
+    except PromptError as exc:
+        raise ConfigError(str(exc)) from None
+    if negative is None:  # a prompt-embeds file without a negative prompt: the dataset's empty prompt
+        negative = dataset_null_caption(cfg)
+    return dataclasses.replace(
+        conditioning, null_caption=negative, prompts=tuple(prompts), prompt_embeds=states
+    )
+
+
+def encode_prompts(args, cfg: Config, recorded: dict | None, device: torch.device, texts: list[str]) -> list:
+    """``texts`` through the T5 encoder: (L_i, D) float32 tensors (real tokens only)."""
+    from data_pipeline.text_encoder import TextEncoderError, load_text_encoder
+
+    facts = dataset_facts(cfg)
+    known = facts.facts if facts is not None and facts.facts is not None else None
+    name = (
+        args.text_encoder
+        or cfg.sample.text_encoder
+        or (known.text_encoder if known is not None else "")
+        or (recorded or {}).get("text_encoder", "")
+    )
+    if not name:
+        raise PromptError(
+            "the T5 text encoder is unknown: pass --text-encoder PATH (or --prompt-embeds FILE), or set "
+            "sample.text_encoder"
+        )
+    max_length = known.max_caption_tokens if known is not None and known.max_caption_tokens else 120
+    try:
+        encoder = load_text_encoder(name, device=device, max_length=max_length)
+    except TextEncoderError as exc:
+        raise PromptError(str(exc)) from None
+    if encoder.width != caption_channels_of(cfg.model):
+        raise PromptError(
+            f"the text encoder '{name}' gives embeddings of width {encoder.width}, the model takes "
+            f"{caption_channels_of(cfg.model)}"
+        )
+    embeds, truncated = encoder.encode(texts)
+    if truncated:
+        print(f"warning: {truncated} prompt(s) cut to {max_length} tokens", file=sys.stderr, flush=True)
+    return [torch.from_numpy(e).float() for e in embeds]
+
+
+def dataset_null_caption(cfg: Config):
+    """The empty prompt's embedding recorded with the config's dataset; a PromptError when there is none."""
+    from data_pipeline.index import load_null_caption
+
+    facts = dataset_facts(cfg)
+    null = None
+    if facts is not None and facts.facts is not None:
+        null = load_null_caption(facts.url, facts.facts)
+    if null is None:
+        raise ConfigError(
+            "--prompt-embeds has no negative_prompt_embeds and no dataset records the empty prompt's "
+            "embedding: add negative_prompt_embeds to the file"
+        )
+    return torch.from_numpy(null).float()
 
 
 def index_facts(url: str) -> decoding.IndexFacts:
@@ -202,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         configure_cuda_numerics(cfg.train.tf32, cfg.train.deterministic)
     say(f"weights: {weights}")
     say(attention_line(cfg, device, DTYPES[cfg.sample.precision]))
+    conditioning = prompt_conditioning(args, cfg, recorded, device)
     decoder = load_decoder(args, cfg, device, recorded)
     say(
         f"VAE {decoder.vae_id} (from {decoder.vae_from}); scaling factor {decoder.factor:g} from "
@@ -224,7 +320,9 @@ def run(args: argparse.Namespace) -> int:
     with Progress(
         num_batches * steps_per_batch(cfg, diffusion), ranks.is_main and not args.no_progress, "denoising"
     ) as bar:
-        mine = rank_samples(model, diffusion, cfg, ranks.rank, ranks.world_size, device, bar.update)
+        mine = rank_samples(
+            model, diffusion, cfg, ranks.rank, ranks.world_size, device, bar.update, conditioning
+        )
         for i, latent in mine:
             frames[i] = decoder(latent)  # (T, C, h, w) -> (T, H, W, 3) uint8
             media.write_mp4(out / f"sample_{i:04d}.mp4", frames[i], s.fps)
@@ -237,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         tiled = media.grid([videos[i] for i in sorted(videos)])
         media.write_mp4(out / "grid.mp4", tiled, s.fps)
         media.write_gif(out / "grid.gif", tiled, s.fps)
-        _write_manifest(out, args, cfg, weights, decoder)
+        _write_manifest(out, args, cfg, weights, decoder, conditioning)
         t, h, w = next(iter(videos.values())).shape[:3]
         say(
             f"wrote {len(videos)} videos ({t} frames, {w}x{h}, {s.fps} fps) and grid.mp4/gif to {out} "
@@ -246,9 +344,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_manifest(out: Path, args: argparse.Namespace, cfg: Config, weights: str, decoder: Decoder) -> None:
+def _write_manifest(
+    out: Path, args: argparse.Namespace, cfg: Config, weights: str, decoder: Decoder, conditioning
+) -> None:
     """samples.json: what was sampled, from which weights, how; enough to reproduce any one sample."""
-    conditioning = conditioning_of(cfg.model)
     manifest = {
         "weights": weights,
         "config": cfg.to_dict(),

@@ -35,8 +35,10 @@ class Training:
         return self.engine.module
 
     def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        """The network as the diffusion math calls it: inputs cast to the engine's precision, the output
-        back to fp32 (the diffusion's arithmetic stays fp32)."""
+        """The network as the diffusion math calls it: inputs (and floating conditioning such as caption
+        embeddings) cast to the engine's precision, the output back to fp32 (the diffusion's arithmetic
+        stays fp32)."""
+        kwargs = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
         return self.engine(x_t.to(self.compute_dtype), t, **kwargs).float()
 
 

@@ -9,6 +9,7 @@ recorded its full size).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -20,7 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import storage
-from data_pipeline.index import DatasetFacts, DatasetIndex, ShardInfo, index_url_for, load_index, save_index
+from data_pipeline.index import (
+    DatasetFacts,
+    DatasetIndex,
+    ShardInfo,
+    index_url_for,
+    load_index,
+    save_index,
+    save_null_caption,
+)
 from data_pipeline.shard_writer import npy_bytes
 
 SHARDS_PER_TASK = 4
@@ -36,10 +45,27 @@ def shard_name(prefix: str, shard: int) -> str:
     return f"{prefix}-{shard // SHARDS_PER_TASK:05d}-{shard % SHARDS_PER_TASK:06d}.tar"
 
 
+CAPTION_TOKENS = 8  # the toy datasets' max_caption_tokens
+
+
+def toy_caption(seed: int, n: int, width: int) -> np.ndarray:
+    """Sample ``n``'s caption embedding: (L, width) float16, L in 1..CAPTION_TOKENS."""
+    rng = np.random.default_rng([seed, n, 1])
+    return rng.standard_normal((int(rng.integers(1, CAPTION_TOKENS + 1)), width)).astype(np.float16)
+
+
 def write_shard(
-    path: Path, first: int, count: int, shape: Sequence[int], classes: int, seed: int, corrupt: set[int]
+    path: Path,
+    first: int,
+    count: int,
+    shape: Sequence[int],
+    classes: int,
+    seed: int,
+    corrupt: set[int],
+    caption_width: int = 0,
 ) -> None:
-    """Samples ``first .. first+count-1`` (keys ``clipNNNNNN``); ``corrupt`` holds sample numbers to spoil."""
+    """Samples ``first .. first+count-1`` (keys ``clipNNNNNN``); ``corrupt`` holds sample numbers to spoil;
+    ``caption_width`` > 0 adds ``caption.npy`` (``toy_caption``) and ``caption.txt``."""
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for n in range(first, first + count):
             rng = np.random.default_rng([seed, n])
@@ -52,6 +78,9 @@ def write_shard(
             _add(tar, f"{key}.latent_std.npy", npy_bytes(std))
             if classes:
                 _add(tar, f"{key}.cls", str(n % classes).encode())
+            if caption_width:
+                _add(tar, f"{key}.caption.npy", npy_bytes(toy_caption(seed, n, caption_width)))
+                _add(tar, f"{key}.caption.txt", f"caption of clip {n}".encode())
 
 
 def make_dataset(
@@ -65,10 +94,12 @@ def make_dataset(
     corrupt: Iterable[int] = (),
     truncate: dict[int, float] | None = None,
     prefix: str = "shard",
+    caption_width: int = 0,
 ) -> DatasetIndex:
     """Write ``len(counts)`` shards (shard i holds ``counts[i]`` samples) and the index under ``root`` (a
     directory or ``s3://bucket/prefix``). ``corrupt``: global sample numbers whose latent.npy is garbage;
-    ``truncate``: {shard: fraction of its bytes kept}. Returns the index."""
+    ``truncate``: {shard: fraction of its bytes kept}; ``caption_width`` > 0: captioned samples (width D,
+    up to ``CAPTION_TOKENS`` tokens, a random null caption). Returns the index."""
     truncate = truncate or {}
     shards: list[ShardInfo] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +107,7 @@ def make_dataset(
         for shard, count in enumerate(counts):
             name = shard_name(prefix, shard)
             path = Path(tmp) / name
-            write_shard(path, first, count, latent_shape, classes, seed, set(corrupt))
+            write_shard(path, first, count, latent_shape, classes, seed, set(corrupt), caption_width)
             data = path.read_bytes()
             digest = hashlib.sha256(data).hexdigest()
             shards.append(ShardInfo(name, count, len(data), digest, shard // SHARDS_PER_TASK))
@@ -94,6 +125,16 @@ def make_dataset(
         image_size=8 * size,
         classes=[f"class{c}" for c in range(classes)],
     )
+    if caption_width:
+        null = np.random.default_rng([seed, 2]).standard_normal((1, caption_width)).astype(np.float16)
+        name = save_null_caption(root, null)
+        facts = dataclasses.replace(
+            facts,
+            text_encoder="toy-t5",
+            caption_channels=caption_width,
+            max_caption_tokens=CAPTION_TOKENS,
+            null_caption=name,
+        )
     index = DatasetIndex(facts, shards)
     save_index(index, root)
     return index

@@ -97,7 +97,7 @@ def test_a_bad_dataset_is_a_one_line_config_error(toy, tmp_path):
 
 def test_fields_carried_follow_the_index_facts(toy):
     facts = load_index(toy).facts
-    assert [f.key for f in FIELDS] == ["latent", "y"]
+    assert [f.key for f in FIELDS] == ["latent", "y", "encoder_hidden_states"]
     assert SampleSpec.of(facts).batch_keys == ("latent", "y", "key")
     assert SampleSpec.of(facts).members == {"latent.npy", "latent_std.npy", "cls"}
     assert SampleSpec.of(facts, without=("y",)).members == {"latent.npy", "latent_std.npy"}

@@ -290,3 +290,40 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(2)  # each (B, N, H, D), views
         out = attention(q, k, v, attention_mask, self.backend)  # (B, N, H, D)
         return self.proj(out.reshape(b, n, c))
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections, named as diffusers names them (``to_q``,
+    ``to_k``, ``to_v``, ``to_out.0``): self-attention, or cross-attention to a context of another length and
+    width (the caption in Latte-T2V's spatial blocks)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        dropout: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_heads_and_backend(dim, num_heads, backend)
+        load_kernels()  # here, not in forward: the per-call choice must stay traceable
+        self.num_heads = num_heads
+        self.backend = backend
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])
+
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+        """x (B, Nq, C); context (B, Nk, C_ctx) or None (self-attention); key_mask (B, Nk) bool, True = a
+        real key. Returns (B, Nq, C)."""
+        b, nq, c = x.shape
+        context = x if context is None else context
+        h = self.num_heads
+        q = self.to_q(x).reshape(b, nq, h, c // h)  # (B, Nq, H, D)
+        k = self.to_k(context).reshape(b, context.shape[1], h, c // h)  # (B, Nk, H, D)
+        v = self.to_v(context).reshape(b, context.shape[1], h, c // h)  # (B, Nk, H, D)
+        out = attention(q, k, v, key_mask, self.backend)  # (B, Nq, H, D)
+        return self.to_out[1](self.to_out[0](out.reshape(b, nq, c)))

@@ -1,4 +1,4 @@
-"""Input embeddings of Latte: patches, diffusion timesteps, class labels, fixed sin-cos positions."""
+"""Input embeddings of Latte: patches, diffusion timesteps, class labels, captions, sin-cos positions."""
 
 from __future__ import annotations
 
@@ -34,7 +34,21 @@ def timestep_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
     return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
 
 
-class TimestepEmbedder(nn.Module):
+class Fp32Frequencies(nn.Module):
+    """Base of the timestep embedders: their ``freqs`` buffer (``timestep_frequencies`` of
+    ``frequency_embedding_size``) stays fp32 when the module is cast; ``_apply`` rebuilds it then."""
+
+    frequency_embedding_size: int
+    freqs: Tensor
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.freqs.dtype != torch.float32:  # a cast: the exact fp32 values again, on the new device
+            self.freqs = timestep_frequencies(self.frequency_embedding_size).to(self.freqs.device)
+        return self
+
+
+class TimestepEmbedder(Fp32Frequencies):
     """Diffusion step t -> vector: sinusoidal frequencies (cos first, as GLIDE/DiT) through a 2-layer MLP.
 
     The frequencies are a non-persistent buffer: built once, moved with the module (no host-to-device copy
@@ -51,12 +65,6 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.register_buffer("freqs", timestep_frequencies(frequency_embedding_size), persistent=False)
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        if self.freqs.dtype != torch.float32:  # a cast: the exact fp32 values again, on the new device
-            self.freqs = timestep_frequencies(self.frequency_embedding_size).to(self.freqs.device)
-        return self
 
     @staticmethod
     def timestep_embedding(
@@ -130,3 +138,97 @@ def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
 def sincos_temporal(embed_dim: int, num_frames: int) -> np.ndarray:
     """(num_frames, embed_dim) 1-D table over frame index."""
     return sincos_1d(embed_dim, np.arange(num_frames))
+
+
+def sincos_2d_grid(
+    embed_dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float = 1.0
+) -> np.ndarray:
+    """(grid_h * grid_w, embed_dim) table, row-major over (h, w), in PixArt-alpha's convention: a grid of
+    another size than ``base_size`` is stretched onto the base grid's coordinate range, and every coordinate
+    is divided by ``interpolation_scale``. First half encodes w, second half h (as ``sincos_2d``, which this
+    equals for ``grid_h == grid_w == base_size`` and scale 1). Coordinates in float32, as the reference's.
+    """
+
+    def coords(g: int) -> np.ndarray:  # (g,) float32: g cells stretched onto base_size, then scaled
+        steps = torch.arange(g, dtype=torch.float32, device="cpu")  # on the host even under a meta device
+        return (steps / (g / base_size) / interpolation_scale).numpy()
+
+    pos_h, pos_w = coords(grid_h), coords(grid_w)
+    coord_w, coord_h = np.meshgrid(pos_w, pos_h)  # each (Gh, Gw); w varies along columns
+    return np.concatenate([sincos_1d(embed_dim // 2, coord_w), sincos_1d(embed_dim // 2, coord_h)], axis=1)
+
+
+class SinCosPatchEmbed(PatchEmbed):
+    """Patches of a latent frame -> tokens with the fixed 2-D table added (PixArt-alpha / Latte-1 layout).
+
+    The table is a non-persistent buffer (it is not in the checkpoints) for the configured square grid; a
+    frame of another size gets its own table, stretched onto the same coordinate range (built on the host at
+    each call: a host-to-device copy per forward, only for sizes other than the configured one).
+    """
+
+    def __init__(
+        self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, interpolation_scale: float
+    ) -> None:
+        super().__init__(input_size, patch_size, in_channels, hidden_size)
+        self.interpolation_scale = interpolation_scale
+        g = self.grid_size
+        table = sincos_2d_grid(hidden_size, g, g, g, interpolation_scale)  # (T, D)
+        self.register_buffer("table", torch.from_numpy(table).float()[None], persistent=False)  # (1, T, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = super().forward(x)  # (B, Gh*Gw, D)
+        table = self.table
+        if (gh, gw) != (self.grid_size, self.grid_size):
+            grid = sincos_2d_grid(table.shape[-1], gh, gw, self.grid_size, self.interpolation_scale)
+            table = torch.from_numpy(grid).to(device=tokens.device, dtype=torch.float32)[None]  # (1, T', D)
+        return tokens + table.to(tokens.dtype)
+
+
+class PixArtTimestepEmbedder(Fp32Frequencies):
+    """Diffusion step t -> vector: [cos | sin] features (as ``TimestepEmbedder``) through linear_1, SiLU,
+    linear_2, with diffusers' parameter names. The frequencies stay fp32 through casts, as there."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.linear_1 = nn.Linear(frequency_embedding_size, hidden_size, bias=True)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.register_buffer("freqs", timestep_frequencies(frequency_embedding_size), persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        t_freq = TimestepEmbedder.timestep_embedding(t, self.frequency_embedding_size, freqs=self.freqs)
+        return self.linear_2(self.act(self.linear_1(t_freq.to(self.linear_1.weight.dtype))))  # (N, D)
+
+
+class AdaLNSingle(nn.Module):
+    """PixArt-alpha's adaLN-single: one timestep embedding per sample, mapped once to the six modulation
+    vectors that every block adds to its own learned ``scale_shift_table``.
+
+    ``emb.timestep_embedder`` nests as diffusers nests it, so the parameter names are the same.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.emb = nn.ModuleDict({"timestep_embedder": PixArtTimestepEmbedder(hidden_size)})
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(hidden_size, 6 * hidden_size, bias=True)
+
+    def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """t (N,) -> (modulation (N, 6D), embedded timestep (N, D) for the final layer)."""
+        embedded = self.emb["timestep_embedder"](t)  # (N, D)
+        return self.linear(self.silu(embedded)), embedded
+
+
+class CaptionProjection(nn.Module):
+    """Text-encoder states (N, L, C_text) -> (N, L, D): linear_1, GELU(tanh), linear_2 (PixArt-alpha)."""
+
+    def __init__(self, in_features: int, hidden_size: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size, bias=True)
+        self.act_1 = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, caption: Tensor) -> Tensor:
+        return self.linear_2(self.act_1(self.linear_1(caption)))

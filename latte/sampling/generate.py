@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from latte.conditioning import Condition, conditioning_of
+from latte.conditioning import Condition, Conditioning, conditioning_of
 from latte.config import Config, sampler_of
 from latte.diffusion import GaussianDiffusion, KnownFrames
 from latte.models import Latte
@@ -69,7 +69,14 @@ class Denoiser:
                 doubled = torch.cat([x, x])  # (2N, F, C, H, W): [cond | null]
                 kwargs = {k: torch.cat([v, cond.null[k]]) for k, v in cond.kwargs.items()}  # (2N, ...)
                 t2 = torch.cat([t, t])  # (2N,)
-                out = self.model.forward_with_cfg(doubled, t2, cfg_scale=self.cfg_scale, **kwargs)[: len(x)]
+                if hasattr(self.model, "forward_with_cfg"):  # class-conditional: the original's eps-only rule
+                    out = self.model.forward_with_cfg(doubled, t2, cfg_scale=self.cfg_scale, **kwargs)
+                    out = out[: len(x)]
+                else:  # text-to-video: every channel, as LattePipeline mixes them
+                    cond_out, null_out = self.model(doubled, t2, **kwargs).chunk(
+                        2
+                    )  # each (N, F, C_out, H, W)
+                    out = null_out + self.cfg_scale * (cond_out - null_out)
         return out.float()
 
 
@@ -80,12 +87,14 @@ def sample_batch(
     indices: list[int],
     device: torch.device,
     on_step: Callable[[], None] | None = None,
+    conditioning: Conditioning | None = None,
 ) -> list[torch.Tensor]:
     """Latents of samples ``indices``, sampled together: the clips of each (N, F, C, h, w), the first one
     unconditioned, each next one sharing its first ``overlap`` frames with the previous one. Stitch them with
-    ``long_video.stitch``. ``on_step`` is called after every denoising step."""
+    ``long_video.stitch``. ``on_step`` is called after every denoising step. ``conditioning``: the model's
+    (``conditioning_of(cfg.model)`` by default; a text-to-video one carries the encoded prompts)."""
     s = cfg.sample
-    condition = conditioning_of(cfg.model).for_samples(s, indices, device)
+    condition = (conditioning or conditioning_of(cfg.model)).for_samples(s, indices, device)
     denoiser = Denoiser(model, condition, s.cfg_scale, s.precision)
     generators = [sample_generator(s.seed, i, device) for i in indices]
     size = cfg.data.latent_size
@@ -115,10 +124,12 @@ def rank_samples(
     world_size: int,
     device: torch.device,
     on_step: Callable[[], None] | None = None,
+    conditioning: Conditioning | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, latents (T, C, h, w)) of every sample ``rank`` of ``world_size`` generates, batch by batch."""
     for indices in batches_of(cfg.sample.num_samples, cfg.sample.batch_size, rank, world_size):
-        yield from zip(indices, sample_latents(model, diffusion, cfg, indices, device, on_step), strict=True)
+        latents = sample_latents(model, diffusion, cfg, indices, device, on_step, conditioning)
+        yield from zip(indices, latents, strict=True)
 
 
 def sample_latents(
@@ -128,7 +139,8 @@ def sample_latents(
     indices: list[int],
     device: torch.device,
     on_step: Callable[[], None] | None = None,
+    conditioning: Conditioning | None = None,
 ) -> torch.Tensor:
     """Latents (N, T, C, h, w) of samples ``indices``, T = ``sample.total_frames`` (or the clip length)."""
-    clips = sample_batch(model, diffusion, cfg, indices, device, on_step)
+    clips = sample_batch(model, diffusion, cfg, indices, device, on_step, conditioning)
     return stitch(clips, overlap_of(cfg), total_frames(cfg))
