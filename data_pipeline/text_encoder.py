@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latte.conditioning import pad_captions  # the one padding of captions (re-exported here)
 from latte.errors import first_line
 
 DEFAULT_MAX_LENGTH = 120  # Latte-1's (and PixArt-alpha's) caption length
@@ -141,25 +142,4 @@ def load_text_encoder(
     return TextEncoder(model, tokenizer, path_or_id, max_length, device, torch_dtype, batch_size)
 
 
-def pad_captions(
-    embeddings: Sequence[np.ndarray | torch.Tensor], max_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpadded (L_i, D) caption embeddings -> (embeds (B, max_length, D) float32, zeros past each L_i;
-    mask (B, max_length) bool, True = real token). Fixed shapes whatever the captions (friendly to compile
-    and ZeRO). Raises ``ValueError`` for a caption longer than ``max_length`` or mixed widths."""
-    if not embeddings:
-        raise ValueError("pad_captions needs at least one caption")
-    width = embeddings[0].shape[-1]
-    embeds = torch.zeros((len(embeddings), max_length, width), dtype=torch.float32)  # (B, L, D)
-    mask = torch.zeros((len(embeddings), max_length), dtype=torch.bool)  # (B, L)
-    for i, array in enumerate(embeddings):
-        length = array.shape[0]
-        if array.ndim != 2 or array.shape[1] != width or not 0 < length <= max_length:
-            raise ValueError(
-                f"caption {i} has shape {tuple(array.shape)}, "
-                f"expected (L, {width}) with 0 < L <= {max_length}"
-            )
-        value = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
-        embeds[i, :length] = value.float()
-        mask[i, :length] = True
-    return embeds, mask
+__all__ = ["TextEncoder", "TextEncoderError", "load_text_encoder", "pad_captions"]

@@ -7,6 +7,7 @@ benchmark:
     make_video("clips/a/v0.mp4", frames=24, size=(96, 64), fps=24, seed=0)
     make_class_videos("videos", num_classes=4, per_class=6)   # UCF101-style class folders
     vae_dir = make_tiny_vae("tiny_vae")          # AutoencoderKL.from_pretrained(vae_dir) works offline
+    manifest = make_captioned_videos("videos")   # + captions.jsonl: "a red square moving up" per video
 
 Each video is a seeded colour gradient with a square moving over it (class folders: the class sets the
 direction), and a *frame marker*: an 8x8 grey block in the top-left corner whose level encodes the frame's
@@ -164,3 +165,69 @@ def make_tiny_vae(directory: str | Path, seed: int = 0, downsample: int = 2):
     )
     vae.save_pretrained(directory)
     return directory
+
+
+# captions of the class videos (the text-to-video demo): what each clip shows, e.g. "a red square moving left"
+COLOUR_NAMES = {
+    "black": (0, 0, 0),
+    "grey": (128, 128, 128),
+    "white": (255, 255, 255),
+    "red": (220, 30, 30),
+    "orange": (240, 140, 20),
+    "yellow": (230, 220, 40),
+    "green": (40, 180, 50),
+    "cyan": (40, 210, 220),
+    "blue": (30, 60, 220),
+    "purple": (130, 40, 180),
+    "pink": (240, 120, 190),
+}
+
+
+def square_colour(seed: int) -> tuple[int, int, int]:
+    """The RGB colour of the square ``synthetic_frames(..., seed=seed)`` draws (the same draws, in order)."""
+    rng = np.random.default_rng(seed)
+    rng.integers(30, 120, 3), rng.integers(140, 230, 3)  # the background's colours
+    return tuple(int(c) for c in rng.integers(0, 256, 3, dtype=np.uint8))
+
+
+def colour_name(rgb: tuple[int, int, int]) -> str:
+    """The nearest of ``COLOUR_NAMES`` to ``rgb``."""
+    return min(
+        COLOUR_NAMES, key=lambda name: sum((a - b) ** 2 for a, b in zip(rgb, COLOUR_NAMES[name], strict=True))
+    )
+
+
+def direction_name(angle: float) -> str:
+    """Where a square moving along ``angle`` radians goes on screen (y points down): "right", "up", ... or
+    "up and left" between them."""
+    dx, dy = np.cos(angle), np.sin(angle)
+    vertical = "down" if dy > 0.38 else "up" if dy < -0.38 else ""
+    horizontal = "right" if dx > 0.38 else "left" if dx < -0.38 else ""
+    return " and ".join(part for part in (vertical, horizontal) if part)
+
+
+def class_video_caption(k: int, v: int, num_classes: int = 4) -> str:
+    """What video ``v`` of class ``k`` of ``make_class_videos`` shows, e.g. "a red square moving left"."""
+    colour = colour_name(square_colour(1000 * k + v))
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} square moving {direction_name(2 * np.pi * k / num_classes)}"
+
+
+def make_captioned_videos(
+    root: str | Path, num_classes: int = 4, per_class: int = 6, frames: int = 24, size: int = 64, fps: int = 8
+) -> Path:
+    """``make_class_videos(...)`` plus ``root/captions.jsonl``, the sharding job's manifest: one
+    ``{"path": "class_k/vNN.mp4", "caption": "a red square moving left"}`` per video (paths relative to
+    ``root``). Returns the manifest's path."""
+    import json
+
+    root = Path(root)
+    make_class_videos(root, num_classes, per_class, frames, size, fps)
+    lines = [
+        json.dumps({"path": f"class_{k}/v{v:02d}.mp4", "caption": class_video_caption(k, v, num_classes)})
+        for k in range(num_classes)
+        for v in range(per_class)
+    ]
+    manifest = root / "captions.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest

@@ -16,9 +16,11 @@ checks (``latte.config.validate``) only talk to this interface.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -69,6 +71,7 @@ class Unconditional:
         return {}
 
     def check_request(self, sample: SampleConfig) -> None:
+        _not_text(sample)
         if sample.classes:
             raise RequestError("sample.classes given, but the model is unconditional (model.num_classes 0)")
         if sample.cfg_scale != 1.0:
@@ -101,6 +104,7 @@ class ClassLabels:
         return kwargs
 
     def check_request(self, sample: SampleConfig) -> None:
+        _not_text(sample)
         n = self.num_classes
         for c in sample.classes:
             if not 0 <= c < n:
@@ -188,16 +192,35 @@ class TextCaptions:
         return {"prompt": self.prompts[index % len(self.prompts)] if self.prompts else None}
 
 
-def pad_captions(embeds: list[Tensor], length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Unpadded caption embeddings ((L_i, D) each, L_i <= length) -> (N, L, D) float32, zeros after each
-    caption's tokens, and the (N, L) bool mask of the real tokens."""
+def pad_captions(
+    embeds: Sequence[Tensor | np.ndarray], length: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Unpadded caption embeddings ((L_i, D) each, 0 < L_i <= length) -> (N, L, D) float32, zeros after each
+    caption's tokens, and the (N, L) bool mask of the real tokens (True = real). Fixed shapes whatever the
+    captions (friendly to compile and ZeRO); the loader, training and sampling all pad through here. A
+    ``ValueError`` for a caption longer than ``length``, an empty one, or mixed widths."""
+    if not len(embeds):
+        raise ValueError("pad_captions needs at least one caption")
     width = embeds[0].shape[-1]
     states = torch.zeros(len(embeds), length, width, device=device)  # (N, L, D)
     mask = torch.zeros(len(embeds), length, dtype=torch.bool, device=device)  # (N, L)
     for i, e in enumerate(embeds):
-        states[i, : len(e)] = e.to(device, torch.float32)
-        mask[i, : len(e)] = True
+        if e.ndim != 2 or e.shape[1] != width or not 0 < e.shape[0] <= length:
+            raise ValueError(
+                f"caption {i} has shape {tuple(e.shape)}, expected (L, {width}) with 0 < L <= {length}"
+            )
+        value = torch.from_numpy(e) if isinstance(e, np.ndarray) else e
+        states[i, : len(value)] = value.to(device, torch.float32)
+        mask[i, : len(value)] = True
     return states, mask
+
+
+def _not_text(sample: SampleConfig) -> None:
+    """What only a text-to-video model can do."""
+    if sample.prompts:
+        raise RequestError("sample.prompts given, but the model is not text-to-video")
+    if sample.images:
+        raise RequestError("sample.images (text-to-image) needs a text-to-video model")
 
 
 def conditioning_of(model: ModelConfig, null_caption: Tensor | None = None) -> Conditioning:

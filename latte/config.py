@@ -147,6 +147,7 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=list)
     negative_prompt: str = ""
     text_encoder: str = ""
+    images: bool = False  # text-to-video models: text-to-image (one frame, temporal blocks off), PNGs
 
 
 @dataclass

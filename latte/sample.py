@@ -46,6 +46,7 @@ from latte.vae import VaeError, decode, load_autoencoder
 
 FLAGS = {  # flag -> the config key it sets
     "num_samples": "sample.num_samples",
+    "images": "sample.images",
     "seed": "sample.seed",
     "sampler": "sample.sampler",
     "steps": "diffusion.sampling_steps",
@@ -78,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative-prompt", help="text-to-video: the null condition of guidance (default '')")
     p.add_argument("--text-encoder", help="text-to-video: the T5 encoder (default: the dataset's)")
     p.add_argument("--prompt-embeds", help="text-to-video: precomputed prompt embeddings instead of T5 (.pt)")
+    p.add_argument(
+        "--images",
+        action="store_const",
+        const=True,
+        help="text-to-video models: text-to-image (one frame, temporal blocks off), PNGs",
+    )
     p.add_argument("--seed", type=int, help="sample i's noise depends on (seed, i) only")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: ddim for 'ddimN' steps, else ddpm")
     p.add_argument("--steps", help="sampling steps: a respacing such as 250, ddim50 or 10,10,10")
@@ -325,7 +332,10 @@ def run(args: argparse.Namespace) -> int:
         )
         for i, latent in mine:
             frames[i] = decoder(latent)  # (T, C, h, w) -> (T, H, W, 3) uint8
-            media.write_mp4(out / f"sample_{i:04d}.mp4", frames[i], s.fps)
+            if s.images:
+                media.write_png(out / f"sample_{i:04d}.png", frames[i][0])
+            else:
+                media.write_mp4(out / f"sample_{i:04d}.mp4", frames[i], s.fps)
             if args.save_latents:
                 media.write_npy(out / f"sample_{i:04d}.npy", latent.cpu().numpy())
     everything = gather_to_main(frames, ranks)
@@ -333,12 +343,16 @@ def run(args: argparse.Namespace) -> int:
     if ranks.is_main:
         videos = {i: v for part in everything for i, v in part.items()}
         tiled = media.grid([videos[i] for i in sorted(videos)])
-        media.write_mp4(out / "grid.mp4", tiled, s.fps)
-        media.write_gif(out / "grid.gif", tiled, s.fps)
+        if s.images:
+            media.write_png(out / "grid.png", tiled[0])
+        else:
+            media.write_mp4(out / "grid.mp4", tiled, s.fps)
+            media.write_gif(out / "grid.gif", tiled, s.fps)
         _write_manifest(out, args, cfg, weights, decoder, conditioning)
         t, h, w = next(iter(videos.values())).shape[:3]
         say(
-            f"wrote {len(videos)} videos ({t} frames, {w}x{h}, {s.fps} fps) and grid.mp4/gif to {out} "
+            f"wrote {len(videos)} {'images' if s.images else 'videos'} ({t} frames, {w}x{h}, {s.fps} fps) "
+            f"and {'grid.png' if s.images else 'grid.mp4/gif'} to {out} "
             f"in {time.perf_counter() - start:.1f} s"
         )
     return 0
@@ -360,7 +374,7 @@ def _write_manifest(
             {
                 "index": i,
                 **conditioning.describe(cfg.sample, i),
-                "video": f"sample_{i:04d}.mp4",
+                "video": f"sample_{i:04d}.{'png' if cfg.sample.images else 'mp4'}",
                 "latents": f"sample_{i:04d}.npy" if args.save_latents else None,
             }
             for i in range(cfg.sample.num_samples)

@@ -9,7 +9,13 @@
 4. sample videos with the EMA weights: one mp4 per class, a grid mp4 + GIF, and one long video extended clip
    by clip past the trained length.
 
-    python scripts/demo.py [--out demo_output] [--vae PATH_OR_HUB_ID] [--steps 300] [--s3] [-- KEY=VALUE ...]
+With ``--t2v``, the text-to-video path instead (in ``OUT/t2v/``, on the same clips): each clip captioned by
+what it shows ("a green square moving left") in a JSONL manifest, sharded with the latents and a tiny random
+T5's caption embeddings (``--text-encoder``), ``LatteT2V-T/2`` trained the same way (configs/tiny_t2v.yaml,
+100 steps by default), then sampled from two prompts with classifier-free guidance.
+
+    python scripts/demo.py [--out demo_output] [--vae PATH_OR_HUB_ID] [--steps 300] [--s3] [--t2v]
+                           [-- KEY=VALUE ...]
 
 Stopped by SIGINT (Ctrl-C), SIGTERM or SIGHUP, it stops the running stage and the S3 server, prints
 ``demo: stopped by SIGNAL`` and exits with 128 + the signal's number.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -35,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STAGE_GRACE = 30.0  # seconds a stage's processes get to end on SIGTERM before SIGKILL (ranks checkpoint)
+T2V_STEPS = 100  # --t2v's default steps (its loss falls about as far as the class model's in 300)
 
 
 class Stopped(BaseException):  # (not an Exception: no `except Exception` may swallow it)
@@ -129,8 +137,38 @@ def local_s3(out: Path) -> Iterator[dict[str, str]]:
         server.stop()
 
 
+def shard_command(src: str, latents: str, vae: str, *extra: str) -> list[str]:
+    """``python -m data_pipeline.shard_latents`` on the demo's clips: 4 windows of 4 frames per video."""
+    return [
+        sys.executable,
+        "-m",
+        "data_pipeline.shard_latents",
+        "--input",
+        src,
+        "--output",
+        latents,
+        "--vae",
+        vae,
+        *extra,
+        "--num-frames",
+        "4",
+        "--frame-interval",
+        "3",
+        "--clips-per-video",
+        "4",
+        "--image-size",
+        "64",
+        "--samples-per-shard",
+        "24",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+
+
 def train_stage(args, env: dict[str, str], index: str, out: Path, steps: int, resume: str, log: Path) -> str:
-    """``deepspeed train.py`` on every GPU, or 2 CPU gloo ranks; returns its log."""
+    """``deepspeed train.py`` on every GPU, or 2 CPU gloo ranks (``--t2v``: the text-to-video config); returns
+    its log."""
     import torch
 
     from latte.rendezvous import free_port
@@ -146,7 +184,7 @@ def train_stage(args, env: dict[str, str], index: str, out: Path, steps: int, re
         str(free_port()),
         "train.py",
         "--config",
-        "configs/tiny.yaml",
+        "configs/tiny_t2v.yaml" if args.t2v else "configs/tiny.yaml",
         "--set",
         f"data.index={index}",
         f"train.max_steps={steps}",
@@ -168,16 +206,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("LATTE_DEMO_DIR", str(REPO / "demo_output")))
     parser.add_argument("--vae", help="an AutoencoderKL directory or hub id; default: a tiny random one")
-    parser.add_argument("--steps", type=int, default=300, help="training steps (a checkpoint at half)")
+    parser.add_argument(
+        "--steps", type=int, help="training steps (a checkpoint at half); default 300, with --t2v 100"
+    )
     parser.add_argument("--s3", action="store_true", help="shards on a local SeaweedFS S3 server, not a dir")
+    parser.add_argument(
+        "--t2v", action="store_true", help="text-to-video: captioned clips, a tiny T5, LatteT2V-T/2, prompts"
+    )
     parser.add_argument("overrides", nargs="*", help="extra train.py --set key=value overrides")
     args = parser.parse_args()
+    if args.steps is None:
+        args.steps = T2V_STEPS if args.t2v else 300
     if args.steps < 2:
         sys.exit("demo: --steps must be >= 2")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "runs", ignore_errors=True)  # a fresh run each time (the demo resumes within itself)
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), PYTHONUNBUFFERED="1")
+    if args.t2v:
+        return main_t2v(args, out, env)
+    shutil.rmtree(out / "runs", ignore_errors=True)  # a fresh run each time (the demo resumes within itself)
 
     import torch
 
@@ -197,30 +244,7 @@ def main() -> None:
             env.update(services.enter_context(local_s3(out)))
             latents = "s3://demo/latents"
         vae = args.vae or str(make_tiny_vae(out / "tiny_vae", downsample=8))
-        shard_cmd = [
-            sys.executable,
-            "-m",
-            "data_pipeline.shard_latents",
-            "--input",
-            str(out / "videos"),
-            "--output",
-            latents,
-            "--vae",
-            vae,
-            "--num-frames",
-            "4",
-            "--frame-interval",
-            "3",
-            "--clips-per-video",
-            "4",
-            "--image-size",
-            "64",
-            "--samples-per-shard",
-            "24",
-            "--workers",
-            "1",
-            "--no-progress",
-        ]
+        shard_cmd = shard_command(str(out / "videos"), latents, vae)
         summary = run(shard_cmd, env, out / "shard.log").strip().splitlines()[-1]
         print(f"[2/4] sharded into {latents} with VAE {vae}: {summary}", flush=True)
 
@@ -276,6 +300,101 @@ def main() -> None:
     print(f"videos:      {samples}/sample_000*.mp4, {samples}/grid.mp4, {samples}/grid.gif (classes 0-3)")
     print(f"long video:  {samples / 'long'}/sample_0000.mp4 (16 frames from a 4-frame model, clip by clip)")
     print(f"logs:        {out}/*.log; took {time.perf_counter() - start:.0f} s")
+
+
+@contextlib.contextmanager
+def output_to(log: Path) -> Iterator[None]:
+    """The block's stdout and stderr into ``log``, as file descriptors (what native code prints, too)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(log, "w") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def main_t2v(args, out: Path, env: dict[str, str]) -> None:
+    """``--t2v``: the same stages for the text-to-video model, in ``out/t2v`` (on the class demo's clips)."""
+    import torch
+
+    from data_pipeline.toy_text import make_tiny_t5
+    from data_pipeline.toy_videos import class_video_caption, make_captioned_videos, make_tiny_vae
+
+    start = time.perf_counter()
+    work = out / "t2v"
+    work.mkdir(exist_ok=True)
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a fresh run each time (the demo resumes within itself)
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    manifest = make_captioned_videos(out / "videos", num_classes=4, per_class=6, frames=24, size=64)
+    captions = [json.loads(line)["caption"] for line in manifest.read_text().splitlines()]
+    print(
+        f"[1/4] {len(captions)} mp4 clips (4 classes, 64x64, 24 frames) in {out / 'videos'}, captioned by "
+        f"what they show in {manifest}: e.g. {captions[0]!r}, {captions[-1]!r}",
+        flush=True,
+    )
+
+    with contextlib.ExitStack() as services:  # the S3 server stays up until sampling has read the index
+        latents = str(work / "latents")
+        if args.s3:
+            env.update(services.enter_context(local_s3(out)))
+            latents = "s3://demo/t2v/latents"
+        vae = args.vae or str(make_tiny_vae(out / "tiny_vae", downsample=8))
+        with output_to(work / "tiny_t5.log"):  # (the tokenizer trainer's and save_pretrained's progress bars)
+            t5 = str(make_tiny_t5(work / "tiny_t5", width=32))
+        shard_cmd = shard_command(str(manifest), latents, vae, "--text-encoder", t5)
+        summary = run(shard_cmd, env, work / "shard.log").strip().splitlines()[-1]
+        print(f"[2/4] sharded into {latents} with VAE {vae} and a tiny random T5 {t5}: {summary}", flush=True)
+
+        index = f"{latents}/index.json"
+        device = f"{gpus} GPU(s)" if gpus else "2 CPU ranks (gloo)"
+        half = args.steps // 2
+        print(
+            f"[3/4] training LatteT2V-T/2 with DeepSpeed ZeRO-2 on {device}: steps 0-{half}, a checkpoint, "
+            f"then a new launch that resumes it to step {args.steps}",
+            flush=True,
+        )
+        first = train_stage(args, env, index, work, half, "none", work / "train_1.log")
+        second = train_stage(args, env, index, work, args.steps, "auto", work / "train_2.log")
+        losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", first + second)]
+        print(f"    loss {losses[0]:.4f} (first interval) -> {losses[-1]:.4f} (last interval)")
+
+        ckpt = work / "runs" / "checkpoints"
+        samples = work / "samples"
+        latest = (ckpt / "latest").read_text().strip()
+        prompts = [class_video_caption(2, 0), class_video_caption(3, 0)]  # captions of clips moving left, up
+        print(f"[4/4] sampling with the EMA weights of {ckpt / latest} from {prompts}", flush=True)
+        sample = [sys.executable, "-m", "latte.sample", str(ckpt), "--vae", vae, "--no-progress"]
+        for prompt in prompts:  # the text encoder: the one the dataset's index names
+            sample += ["--prompt", prompt]
+        sample += ["--out", str(samples), "--num-samples", "2", "--cfg-scale", "4"]
+        run(sample, env, work / "sample.log")
+
+    run_dir = re.search(r"run dir (\S+)", first)
+    print(
+        f"\ndataset:     {index}"
+        + (" (the S3 server is stopped; its data is in s3_data/)" if args.s3 else "")
+    )
+    print(f"captions:    {manifest} (one per video; in the shards as T5 embeddings + text)")
+    if run_dir:
+        print(f"TensorBoard: tensorboard --logdir {run_dir.group(1)}/tensorboard")
+    print(f"checkpoints: {ckpt} (latest: {latest})")
+    print(f"videos:      {samples}/sample_0000.mp4, sample_0001.mp4 (one per prompt), grid.mp4, grid.gif")
+    print(f"prompts:     {samples / 'samples.json'} (each sample's prompt, seed and settings)")
+    print(f"logs:        {work}/*.log; took {time.perf_counter() - start:.0f} s")
 
 
 def cli() -> int:

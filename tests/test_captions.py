@@ -314,9 +314,9 @@ def test_open_batches_passes_the_config_caption_width(toy_captioned):
     root = str(Path(toy_captioned).parent)
     cfg = load_config("configs/tiny.yaml", [f"data.index={root}", "data.num_workers=0"])
     assert "encoder_hidden_states" not in open_batches(cfg, 0, 1, "cpu").batch_keys  # caption_channels 0
-    cfg.model.caption_channels = 64  # (set by attribute: the config may not have the key yet)
-    with pytest.raises(ConfigError, match="width 16"):
-        open_batches(cfg, 0, 1, "cpu")
+    t2v = load_config("configs/tiny_t2v.yaml", [f"data.index={root}", "data.num_workers=0"])  # width 32
+    with pytest.raises(ConfigError, match="width 16 .*the config expects 32"):
+        open_batches(t2v, 0, 1, "cpu")
 
 
 # --------------------------------------------------------------------------------------------------------

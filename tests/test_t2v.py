@@ -41,6 +41,11 @@ def test_the_config_builds_latte_t2v_and_its_conditioning():
         load_config(T2V, ["model.num_classes=4"])
     with pytest.raises(ConfigError, match="sample.classes given, but the model is text-to-video"):
         load_config(T2V, ["sample.classes=[1]"])
+    tiny = REPO / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match="sample.images .* needs a text-to-video model"):
+        load_config(tiny, ["sample.images=true"])
+    with pytest.raises(ConfigError, match="sample.prompts given, but the model is not text-to-video"):
+        load_config(tiny, ["sample.prompts=[a cat]"])
 
 
 def test_caption_dropout_gives_the_empty_prompt_and_sampling_pads_with_it():
@@ -178,6 +183,13 @@ def test_sampling_from_prompts_and_from_prompt_embeddings(t2v_run, tmp_path):
     assert "(N, L, 32)" in bad.stderr
     missing = _sample(t2v_run, tmp_path / "e")
     assert missing.returncode == 2 and "samples from prompts" in missing.stderr
+
+    images = _sample(t2v_run, tmp_path / "f", *args, "--prompt", prompts[0], "--images")  # text-to-image
+    assert images.returncode == 0, images.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "f" / "sample_0001.png").size == (64, 64)
+    assert (tmp_path / "f" / "grid.png").is_file() and not (tmp_path / "f" / "grid.mp4").exists()
 
 
 def _lines(path: Path, lines: list[str]) -> Path:

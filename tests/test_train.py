@@ -1,11 +1,14 @@
-"""train.py end to end on CPU: the README's demo trains a tiny Latte and its loss falls."""
+"""train.py end to end on CPU: the README's demo trains a tiny Latte and its loss falls (and with ``--t2v``, a
+tiny text-to-video Latte sampled from prompts)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -81,3 +84,45 @@ def test_readme_demo_command(tmp_path):
     with av.open(str(samples / "long" / "sample_0000.mp4")) as video:  # 16 frames from the 4-frame model
         frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
     assert len(frames) == 16 and frames[0].shape == (64, 64, 3)
+
+
+@pytest.mark.slow
+def test_readme_demo_t2v_command(tmp_path):
+    """`bash scripts/demo.sh --t2v`: captioned clips -> latents + T5 captions -> LatteT2V-T/2 -> 2 prompts."""
+    if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
+        pytest.skip(f"demo.sh uses {REPO / '.venv'}; this interpreter is {sys.prefix}")
+    env = dict(os.environ, LATTE_DEMO_DIR=str(tmp_path))
+    out = subprocess.run(
+        ["bash", "scripts/demo.sh", "--t2v"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    work = tmp_path / "t2v"
+    losses = _losses(out.stdout)  # 100 steps logged every 25, over two launches
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], losses
+    assert f"resumed from {work / 'runs' / 'checkpoints' / 'step_00000050'} at step 50" in out.stdout
+
+    directions = ["right", "down", "left", "up"]  # class k moves along 2*pi*k/4 (y points down)
+    rows = [json.loads(line) for line in (tmp_path / "videos" / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    for row in rows:  # each clip captioned by what it shows: "a red square moving left"
+        k = int(row["path"].split("/")[0].removeprefix("class_"))
+        assert re.fullmatch(rf"an? \w+ square moving {directions[k]}", row["caption"]), row
+    facts = json.loads((work / "latents" / "index.json").read_text())["facts"]
+    assert facts["text_encoder"] == str(work / "tiny_t5") and facts["caption_channels"] == 32
+    with tarfile.open(work / "latents" / "shard-00000-000000.tar") as tar:
+        texts = {tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".caption.txt")}
+    assert texts and texts <= {row["caption"] for row in rows}
+
+    samples = work / "samples"
+    manifest = json.loads((samples / "samples.json").read_text())
+    prompts = [s["prompt"] for s in manifest["samples"]]
+    assert prompts == ["a green square moving left", "a grey square moving up"], prompts
+    assert manifest["config"]["model"]["name"] == "LatteT2V-T/2"
+    import av
+
+    for sample in manifest["samples"]:
+        with av.open(str(samples / sample["video"])) as video:
+            frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+        assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
+    assert (samples / "grid.mp4").stat().st_size > 0
+    assert str(samples / "samples.json") in out.stdout and f"{samples}/sample_0000.mp4" in out.stdout

@@ -29,7 +29,15 @@ def sample_generator(seed: int, index: int, device: torch.device) -> torch.Gener
 
 
 def total_frames(cfg: Config) -> int:
+    """Frames per sample: one image (``sample.images``), else sample.total_frames or the clip length."""
+    if cfg.sample.images:
+        return 1
     return cfg.sample.total_frames or cfg.data.num_frames
+
+
+def clip_frames(cfg: Config) -> int:
+    """Frames the model denoises at once: the clip length, or one image (temporal blocks off)."""
+    return 1 if cfg.sample.images else cfg.data.num_frames
 
 
 def overlap_of(cfg: Config) -> int:
@@ -39,7 +47,7 @@ def overlap_of(cfg: Config) -> int:
 
 def steps_per_batch(cfg: Config, diffusion: GaussianDiffusion) -> int:
     """Denoising steps one batch takes (all its clips): the progress bar's unit."""
-    return diffusion.num_timesteps * num_clips(total_frames(cfg), cfg.data.num_frames, overlap_of(cfg))
+    return diffusion.num_timesteps * num_clips(total_frames(cfg), clip_frames(cfg), overlap_of(cfg))
 
 
 class Denoiser:
@@ -53,18 +61,24 @@ class Denoiser:
     """
 
     def __init__(
-        self, model: Latte, condition: Condition, cfg_scale: float = 1.0, precision: str = "fp32"
+        self,
+        model: Latte,
+        condition: Condition,
+        cfg_scale: float = 1.0,
+        precision: str = "fp32",
+        options: dict | None = None,
     ) -> None:
         if cfg_scale != 1.0 and condition.null is None:
             raise ValueError("classifier-free guidance needs a null condition, which this model has not")
         self.model, self.condition, self.cfg_scale, self.precision = model, condition, cfg_scale, precision
+        self.options = options or {}  # other model arguments, e.g. enable_temporal_attentions=False
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         fp32 = self.precision == "fp32"
         cond = self.condition
         with nullcontext() if fp32 else torch.autocast(x.device.type, DTYPES[self.precision]):
             if self.cfg_scale == 1.0:
-                out = self.model(x, t, **cond.kwargs)
+                out = self.model(x, t, **cond.kwargs, **self.options)
             else:
                 doubled = torch.cat([x, x])  # (2N, F, C, H, W): [cond | null]
                 kwargs = {k: torch.cat([v, cond.null[k]]) for k, v in cond.kwargs.items()}  # (2N, ...)
@@ -73,9 +87,8 @@ class Denoiser:
                     out = self.model.forward_with_cfg(doubled, t2, cfg_scale=self.cfg_scale, **kwargs)
                     out = out[: len(x)]
                 else:  # text-to-video: every channel, as LattePipeline mixes them
-                    cond_out, null_out = self.model(doubled, t2, **kwargs).chunk(
-                        2
-                    )  # each (N, F, C_out, H, W)
+                    both = self.model(doubled, t2, **kwargs, **self.options)  # (2N, F, C_out, H, W)
+                    cond_out, null_out = both.chunk(2)
                     out = null_out + self.cfg_scale * (cond_out - null_out)
         return out.float()
 
@@ -95,10 +108,11 @@ def sample_batch(
     (``conditioning_of(cfg.model)`` by default; a text-to-video one carries the encoded prompts)."""
     s = cfg.sample
     condition = (conditioning or conditioning_of(cfg.model)).for_samples(s, indices, device)
-    denoiser = Denoiser(model, condition, s.cfg_scale, s.precision)
+    options = {"enable_temporal_attentions": False} if s.images else {}  # text-to-image: frames apart
+    denoiser = Denoiser(model, condition, s.cfg_scale, s.precision, options)
     generators = [sample_generator(s.seed, i, device) for i in indices]
     size = cfg.data.latent_size
-    shape = (len(indices), cfg.data.num_frames, cfg.model.in_channels, size, size)  # (N, F, C, h, w)
+    shape = (len(indices), clip_frames(cfg), cfg.model.in_channels, size, size)  # (N, F, C, h, w)
     ddim = sampler_of(cfg) == "ddim"
 
     def run_clip(known: KnownFrames | None) -> torch.Tensor:
@@ -113,7 +127,7 @@ def sample_batch(
                 on_step()
         return final["sample"]
 
-    return sample_clips(run_clip, total_frames(cfg), cfg.data.num_frames, overlap_of(cfg))
+    return sample_clips(run_clip, total_frames(cfg), clip_frames(cfg), overlap_of(cfg))
 
 
 def rank_samples(

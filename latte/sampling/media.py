@@ -71,6 +71,15 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: int) -> Path:
     return path
 
 
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """An image (H, W, 3) uint8 -> a PNG (text-to-image samples)."""
+    from PIL import Image
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    return path
+
+
 def write_npy(path: str | Path, array: np.ndarray) -> Path:
     path = Path(path)
 
