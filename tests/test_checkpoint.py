@@ -272,13 +272,12 @@ def test_resume_none_starts_fresh_and_overwrites(tmp_path):
     assert resumed.stdout.count("| loss") == 1
 
 
-@pytest.mark.slow
-def test_world_size_change_2_to_1_and_export(tmp_path):
-    """A 2-rank checkpoint resumed on 1 rank (universal conversion, EMA re-sharded) follows the 2-rank run to
-    fp32 rounding; then `python -m latte.export` writes weights that load strictly into the model."""
-    same = ["model.class_dropout_prob=0.0", "train.max_steps=20", "train.ckpt_every=10", "train.log_every=10"]
+def two_ranks_then_one(tmp_path: Path, same: list[str]) -> tuple[Path, Path]:
+    """A 2-rank run (micro-batch 4) of 20 steps, and its step-10 checkpoint resumed on 1 rank with the same
+    global batch (universal conversion, EMA re-sharded). Checks that the 1-rank run follows the 2-rank one to
+    fp32 rounding (module and EMA) and that Adam's count goes on; returns both checkpoint directories."""
     two = _finish(_start(tmp_path / "two", [*same, "train.micro_batch_size=4"]))
-    assert "step      20" in two
+    assert "step      20" in two, two[-3000:]
     ck2, ck1 = tmp_path / "two" / "checkpoints", tmp_path / "one" / "checkpoints"
     ck1.mkdir(parents=True)
     shutil.copytree(ck2 / tag_for(10), ck1 / tag_for(10))
@@ -290,14 +289,26 @@ def test_world_size_change_2_to_1_and_export(tmp_path):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     assert f"resumed from {ck1 / tag_for(10)} at step 10 (saved by 2 ranks, resharded)" in one.stdout
+    assert "step      20" in one.stdout and "step      10 |" not in one.stdout  # continued, not restarted
     load = lambda d, name: torch.load(d / tag_for(20) / name, weights_only=False)  # noqa: E731
     for name, key in [("mp_rank_00_model_states.pt", "module"), ("ema_consolidated.pt", None)]:
         a, b = load(ck2, name), load(ck1, name)
         a, b = (a[key], b[key]) if key else (a, b)
+        assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"{name} {k}")
     moments = load(ck1, "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
     assert moments["base_optimizer_state"]["state"][0]["step"] == 20  # Adam's count went on from 10
+    return ck2, ck1
+
+
+@pytest.mark.slow
+def test_world_size_change_2_to_1_and_export(tmp_path):
+    """A 2-rank checkpoint resumed on 1 rank (universal conversion, EMA re-sharded) follows the 2-rank run to
+    fp32 rounding; then `python -m latte.export` writes weights that load strictly into the model."""
+    same = ["model.class_dropout_prob=0.0", "train.max_steps=20", "train.ckpt_every=10", "train.log_every=10"]
+    ck2, ck1 = two_ranks_then_one(tmp_path, same)
+    load = lambda d, name: torch.load(d / tag_for(20) / name, weights_only=False)  # noqa: E731
 
     from latte.builders import build_model
     from latte.export import main as export_main

@@ -7,14 +7,13 @@ pointed at configs/tiny_t2v.yaml and a shorter run."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import test_checkpoint as ckpt
 import torch
 from make_shards import make_dataset
-from test_checkpoint import _finish, _kill_9, _one_process, _start, assert_same_checkpoint
+from test_checkpoint import _finish, _kill_9, _start, assert_same_checkpoint, two_ranks_then_one
 
 from latte.checkpoint import tag_for
 from latte.config import load_config
@@ -69,26 +68,6 @@ def test_t2v_world_size_change_2_to_1_under_zero_2(tmp_path):
     run to fp32 rounding, caption dropout included (drawn per global sample). Synthetic captioned clips: the
     stream is re-split at the step boundary (a shard loader would spread the epoch's rest another way)."""
     same = ["train.max_steps=20", "train.ckpt_every=10", "train.log_every=10"]
-    two = _finish(_start(tmp_path / "two", [*same, "train.micro_batch_size=4"]))
-    assert "step      20" in two, two[-3000:]
-    ck2, ck1 = tmp_path / "two" / "checkpoints", tmp_path / "one" / "checkpoints"
-    ck1.mkdir(parents=True)
-    shutil.copytree(ck2 / tag_for(10), ck1 / tag_for(10))
-    one = _one_process(
-        tmp_path / "one",
-        *same,
-        "train.micro_batch_size=8",  # the same global batch
-        "train.resume_allow_changes=[train.micro_batch_size]",
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert f"resumed from {ck1 / tag_for(10)} at step 10 (saved by 2 ranks, resharded)" in one.stdout
-    assert "step      20" in one.stdout and "step      10 |" not in one.stdout  # continued, not restarted
-    load = lambda d, name: torch.load(d / tag_for(20) / name, weights_only=False)  # noqa: E731
-    for name, key in [("mp_rank_00_model_states.pt", "module"), ("ema_consolidated.pt", None)]:
-        a, b = load(ck2, name), load(ck1, name)
-        a, b = (a[key], b[key]) if key else (a, b)
-        assert a.keys() == b.keys() and any("attn2" in k for k in a)  # the cross-attention to the captions
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"{name} {k}")
-    moments = load(ck1, "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
-    assert moments["base_optimizer_state"]["state"][0]["step"] == 20  # Adam's count went on from 10
+    ck2, _ = two_ranks_then_one(tmp_path, same)
+    module = torch.load(ck2 / tag_for(20) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert any("attn2" in k for k in module)  # the cross-attention to the captions was compared too
