@@ -121,9 +121,7 @@ class ClassLabels:
         return classes[index % len(classes)]
 
     def for_samples(self, sample: SampleConfig, indices: list[int], device: torch.device) -> Condition:
-        y = torch.tensor([self.class_of(sample, i) for i in indices], device=device)  # (N,)
-        null = {"y": torch.full_like(y, self.num_classes)} if self.has_null else None
-        return Condition({"y": y}, null)
+        return self.labels(torch.tensor([self.class_of(sample, i) for i in indices], device=device))  # (N,)
 
     def labels(self, y: Tensor) -> Condition:
         """The condition of given class ids ``y`` (N,)."""
@@ -175,12 +173,12 @@ class TextCaptions:
             raise RequestError("a text-to-video model samples from prompts: give --prompt or --prompts FILE")
         chosen = [self.prompt_embeds[i % len(self.prompt_embeds)] for i in indices]
         length = max(len(e) for e in chosen)
+        if self.null_caption is not None:  # one length for the prompts and the null condition they pair with
+            length = max(length, len(self.null_caption))
         states, mask = pad_captions(chosen, length, device)  # (N, L, D), (N, L)
         kwargs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
         null = None
         if self.null_caption is not None:
-            length = max(length, len(self.null_caption))
-            kwargs = dict(zip(kwargs, pad_captions(chosen, length, device), strict=True))
             null_states, null_mask = self._null(length, device)  # (1, L, D), (1, L)
             null = {
                 "encoder_hidden_states": null_states.expand(len(indices), -1, -1),

@@ -137,10 +137,17 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, C
     return model.to(device).eval().requires_grad_(False), cfg, source.description, source.dataset
 
 
-def prompt_conditioning(args: argparse.Namespace, cfg: Config, recorded: dict | None, device: torch.device):
+def prompt_conditioning(
+    args: argparse.Namespace,
+    cfg: Config,
+    facts: decoding.IndexFacts | None,
+    recorded: dict | None,
+    device: torch.device,
+):
     """The model's conditioning; for a text-to-video model with the prompts (--prompt, --prompts, else
     sample.prompts) encoded by T5 (--text-encoder, sample.text_encoder, else the dataset's), or read from
-    --prompt-embeds, and the negative prompt's embedding as the null condition."""
+    --prompt-embeds, and the negative prompt's embedding as the null condition. ``facts``: the config's
+    dataset (``dataset_facts``), read once per run."""
     conditioning = conditioning_of(cfg.model)
     given = args.prompt or args.prompts or args.prompt_embeds
     if not isinstance(conditioning, TextCaptions):
@@ -165,22 +172,23 @@ def prompt_conditioning(args: argparse.Namespace, cfg: Config, recorded: dict | 
             negative_text = (
                 args.negative_prompt if args.negative_prompt is not None else cfg.sample.negative_prompt
             )
-            encoded = encode_prompts(args, cfg, recorded, device, [*prompts, negative_text])
+            encoded = encode_prompts(args, cfg, facts, recorded, device, [*prompts, negative_text])
             states, negative = tuple(encoded[:-1]), encoded[-1]
     except PromptError as exc:
         raise ConfigError(str(exc)) from None
     if negative is None:  # a prompt-embeds file without a negative prompt: the dataset's empty prompt
-        negative = dataset_null_caption(cfg)
+        negative = dataset_null_caption(facts)
     return dataclasses.replace(
         conditioning, null_caption=negative, prompts=tuple(prompts), prompt_embeds=states
     )
 
 
-def encode_prompts(args, cfg: Config, recorded: dict | None, device: torch.device, texts: list[str]) -> list:
+def encode_prompts(
+    args, cfg: Config, facts: decoding.IndexFacts | None, recorded: dict | None, device, texts: list[str]
+) -> list:
     """``texts`` through the T5 encoder: (L_i, D) float32 tensors (real tokens only)."""
     from data_pipeline.text_encoder import TextEncoderError, load_text_encoder
 
-    facts = dataset_facts(cfg)
     known = facts.facts if facts is not None and facts.facts is not None else None
     name = (
         args.text_encoder
@@ -209,11 +217,10 @@ def encode_prompts(args, cfg: Config, recorded: dict | None, device: torch.devic
     return [torch.from_numpy(e).float() for e in embeds]
 
 
-def dataset_null_caption(cfg: Config):
-    """The empty prompt's embedding recorded with the config's dataset; a PromptError when there is none."""
+def dataset_null_caption(facts: decoding.IndexFacts | None):
+    """The empty prompt's embedding recorded with the config's dataset; a ConfigError when there is none."""
     from data_pipeline.index import load_null_caption
 
-    facts = dataset_facts(cfg)
     null = None
     if facts is not None and facts.facts is not None:
         null = load_null_caption(facts.url, facts.facts)
@@ -266,10 +273,13 @@ class Decoder:
 
 
 def load_decoder(
-    args: argparse.Namespace, cfg: Config, device: torch.device, recorded: dict | None
+    args: argparse.Namespace,
+    cfg: Config,
+    device: torch.device,
+    recorded: dict | None,
+    facts: decoding.IndexFacts | None,
 ) -> Decoder:
     """The VAE (--vae, else the dataset's) and the scaling factor its input is divided by."""
-    facts = dataset_facts(cfg)
     vae_id, vae_from = decoding.choose_vae(args.vae, facts, recorded)
     vae, _ = load_autoencoder(vae_id, device, cfg.sample.precision if device.type == "cuda" else "fp32")
     if vae.config.latent_channels != cfg.model.in_channels:
@@ -304,8 +314,9 @@ def run(args: argparse.Namespace) -> int:
         configure_cuda_numerics(cfg.train.tf32, cfg.train.deterministic)
     say(f"weights: {weights}")
     say(attention_line(cfg, device, DTYPES[cfg.sample.precision]))
-    conditioning = prompt_conditioning(args, cfg, recorded, device)
-    decoder = load_decoder(args, cfg, device, recorded)
+    facts = dataset_facts(cfg)  # the dataset's index, read once: the T5, null caption, VAE, scaling factor
+    conditioning = prompt_conditioning(args, cfg, facts, recorded, device)
+    decoder = load_decoder(args, cfg, device, recorded, facts)
     say(
         f"VAE {decoder.vae_id} (from {decoder.vae_from}); scaling factor {decoder.factor:g} from "
         f"{decoder.factor_from}"

@@ -30,10 +30,6 @@ class Training:
     compute_dtype: torch.dtype  # what the network computes in (train.precision)
     n_params: int  # trainable parameters
 
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.engine.module
-
     def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         """The network as the diffusion math calls it: inputs (and floating conditioning such as caption
         embeddings) cast to the engine's precision, the output back to fp32 (the diffusion's arithmetic
