@@ -166,6 +166,23 @@ def shard_command(src: str, latents: str, vae: str, *extra: str) -> list[str]:
     ]
 
 
+def train_and_resume(args, env: dict[str, str], index: str, out: Path, model: str, gpus: int) -> str:
+    """Stage 3: the first half of the steps, a checkpoint, then a new launch that resumes it; prints the loss
+    of the first and the last logging interval and returns the first launch's log."""
+    device = f"{gpus} GPU(s)" if gpus else "2 CPU ranks (gloo)"
+    half = args.steps // 2
+    print(
+        f"[3/4] training {model} with DeepSpeed ZeRO-2 on {device}: steps 0-{half}, a checkpoint, "
+        f"then a new launch that resumes it to step {args.steps}",
+        flush=True,
+    )
+    first = train_stage(args, env, index, out, half, "none", out / "train_1.log")
+    second = train_stage(args, env, index, out, args.steps, "auto", out / "train_2.log")
+    losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", first + second)]
+    print(f"    loss {losses[0]:.4f} (first interval) -> {losses[-1]:.4f} (last interval)")
+    return first
+
+
 def train_stage(args, env: dict[str, str], index: str, out: Path, steps: int, resume: str, log: Path) -> str:
     """``deepspeed train.py`` on every GPU, or 2 CPU gloo ranks (``--t2v``: the text-to-video config); returns
     its log."""
@@ -249,17 +266,7 @@ def main() -> None:
         print(f"[2/4] sharded into {latents} with VAE {vae}: {summary}", flush=True)
 
         index = f"{latents}/index.json"
-        device = f"{gpus} GPU(s)" if gpus else "2 CPU ranks (gloo)"
-        half = args.steps // 2
-        print(
-            f"[3/4] training Latte-T/2 with DeepSpeed ZeRO-2 on {device}: steps 0-{half}, a checkpoint, "
-            f"then a new launch that resumes it to step {args.steps}",
-            flush=True,
-        )
-        first = train_stage(args, env, index, out, half, "none", out / "train_1.log")
-        second = train_stage(args, env, index, out, args.steps, "auto", out / "train_2.log")
-        losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", first + second)]
-        print(f"    loss {losses[0]:.4f} (first interval) -> {losses[-1]:.4f} (last interval)")
+        first = train_and_resume(args, env, index, out, "Latte-T/2", gpus)
 
         ckpt = out / "runs" / "checkpoints"
         samples = out / "samples"
@@ -360,17 +367,7 @@ def main_t2v(args, out: Path, env: dict[str, str]) -> None:
         print(f"[2/4] sharded into {latents} with VAE {vae} and a tiny random T5 {t5}: {summary}", flush=True)
 
         index = f"{latents}/index.json"
-        device = f"{gpus} GPU(s)" if gpus else "2 CPU ranks (gloo)"
-        half = args.steps // 2
-        print(
-            f"[3/4] training LatteT2V-T/2 with DeepSpeed ZeRO-2 on {device}: steps 0-{half}, a checkpoint, "
-            f"then a new launch that resumes it to step {args.steps}",
-            flush=True,
-        )
-        first = train_stage(args, env, index, work, half, "none", work / "train_1.log")
-        second = train_stage(args, env, index, work, args.steps, "auto", work / "train_2.log")
-        losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", first + second)]
-        print(f"    loss {losses[0]:.4f} (first interval) -> {losses[-1]:.4f} (last interval)")
+        first = train_and_resume(args, env, index, work, "LatteT2V-T/2", gpus)
 
         ckpt = work / "runs" / "checkpoints"
         samples = work / "samples"
