@@ -107,6 +107,12 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
     missing = [key for key in conditioning.batch_keys if key not in data.batch_keys]
     if missing:
         raise ConfigError(f"the model is conditioned on {', '.join(missing)}, which the data does not carry")
+    validator = None
+    if cfg.data.val_index:  # read once, before any build (a bad validation set is a config error)
+        from data_pipeline.sources import open_validation_set
+        from latte.evaluation.validation_loss import Validator
+
+        validator = Validator(cfg, world, conditioning, open_validation_set(cfg, data.facts))
     resume_from = checkpoints.find()  # refused (another config, dir in use, unwritable) before any build
     attention = attention_line(cfg, world.device, DTYPES[t_cfg.precision])  # can't run: an error
     training = build_training(cfg, world, load_universal=checkpoints.reshard)
@@ -118,6 +124,8 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
     if world.is_main:
         print(_run_line(cfg, run_dir, training.n_params, metrics), flush=True)
         print(attention, flush=True)
+        if validator is not None:
+            print(validator.describe(), flush=True)
 
     start_step = checkpoints.load(resume_from, state) if resume_from is not None else 0
     if resume_from is None and world.is_main:
@@ -189,6 +197,10 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
             grad_norm = float(grad_norm) if grad_norm is not None else None
             metrics.log_step(done, {"train/loss": history[-1], "train/grad_norm": grad_norm, "train/lr": lr})
             interval_loss.zero_()
+        if validator is not None and validator.due(done):
+            began = time.perf_counter()
+            results = validator.run(training)
+            metrics.log_validation(done, results, time.perf_counter() - began)
         saved = checkpoints.due(done)
         if saved:
             save(done)

@@ -67,11 +67,8 @@ def open_batches(cfg: Config, rank: int, world_size: int, device_type: str) -> B
             accumulation=cfg.train.gradient_accumulation_steps,
             caption_channels=caption_channels,
         )
-    from data_pipeline.loader import Expected, LatentLoader, LoaderError  # (its imports are heavier)
+    from data_pipeline.loader import LatentLoader, LoaderError  # (its imports are heavier)
 
-    size = cfg.data.latent_size
-    shape = (cfg.data.num_frames, cfg.model.in_channels, size, size)  # (F, C, h, w) the model is built for
-    expected = Expected(shape, cfg.data.scaling_factor, cfg.model.num_classes, caption_channels)
     try:
         return LatentLoader(
             cfg.data.index,
@@ -82,8 +79,29 @@ def open_batches(cfg: Config, rank: int, world_size: int, device_type: str) -> B
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
             infinite=True,
-            expected=expected,
+            expected=expected_of(cfg),
             pin_memory=device_type == "cuda",
         )
     except (ValueError, LoaderError) as exc:  # unreadable index, missing shard, index vs config
+        raise ConfigError(str(exc)) from None
+
+
+def expected_of(cfg: Config):
+    """What the model ``cfg`` builds expects of a dataset (``loader.Expected``): the latent shape, the VAE
+    scaling factor, the classes and the caption width."""
+    from data_pipeline.loader import Expected
+
+    size = cfg.data.latent_size
+    shape = (cfg.data.num_frames, cfg.model.in_channels, size, size)  # (F, C, h, w) the model is built for
+    return Expected(shape, cfg.data.scaling_factor, cfg.model.num_classes, caption_channels_of(cfg.model))
+
+
+def open_validation_set(cfg: Config, train_facts: DatasetFacts | None):
+    """The fixed clips of the validation loss (``data.val_index``), checked against the model and the
+    training data (``train_facts``, None for synthetic data); ``ConfigError`` (one line) otherwise."""
+    from data_pipeline.validation_set import ValidationSet, ValidationSetError
+
+    try:
+        return ValidationSet.read(cfg.data.val_index, cfg.train.val_clips, expected_of(cfg), like=train_facts)
+    except ValidationSetError as exc:
         raise ConfigError(str(exc)) from None

@@ -59,6 +59,10 @@ ALWAYS_ALLOWED = (
     "train.keep_every",
     "train.resume",
     "train.resume_allow_changes",
+    "data.val_index",  # the validation loss only observes training
+    "train.val_every",
+    "train.val_clips",
+    "train.val_buckets",
 )
 ALWAYS_ALLOWED_SECTIONS = ("sample.",)  # sampling settings never affect training
 

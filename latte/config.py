@@ -68,6 +68,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     index: str = ""  # the dataset's index.json (local path or s3://bucket/prefix/index.json); "" = synthetic
+    val_index: str = ""  # a held-out dataset (same format) for the validation loss (train.val_*); "" = none
     image_size: int = 256  # pixels (square); latents are image_size / vae_downsample
     num_frames: int = 16  # frames per clip
     frame_interval: int = 3  # stride between sampled frames (used by the sharding job)
@@ -115,6 +116,11 @@ class TrainConfig:
     # hops), ~10-25% of a 0.2 s Latte-XL/2 step if done every step; every 50 steps it is < 0.5%, and the
     # stop waits at most 50 steps (~10 s there) of SLURM's 180 s warning.
     stop_check_every: int = 50
+    # validation loss on data.val_index (when set): its first val_clips readable clips x val_buckets evenly
+    # spaced timesteps, fixed noise, raw and EMA weights (latte/evaluation/validation_loss.py)
+    val_every: int = 1000  # steps between validations (and one at the end)
+    val_clips: int = 64
+    val_buckets: int = 10
     ckpt_every: int = 10_000  # steps between checkpoints (and one at the end)
     results_dir: str = "./results"  # one run directory per job is created under it
     # Checkpoints live outside the per-job run directories so that a rerun of the same command finds them.
@@ -425,8 +431,16 @@ def validate(cfg: Config) -> None:
             "train.stop_check_every",
             "train.ckpt_every",
             "train.keep_last",
+            "train.val_every",
+            "train.val_clips",
+            "train.val_buckets",
         ],
     )
+    if cfg.train.val_buckets > cfg.diffusion.diffusion_steps:
+        raise ConfigError(
+            f"train.val_buckets {cfg.train.val_buckets} exceeds diffusion.diffusion_steps "
+            f"{cfg.diffusion.diffusion_steps}"
+        )
     if cfg.train.keep_every is not None and cfg.train.keep_every < 1:
         raise ConfigError(f"train.keep_every must be >= 1 or null, got {cfg.train.keep_every}")
     valid_keys = _all_keys(cfg)

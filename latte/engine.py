@@ -228,6 +228,9 @@ def set_grad_clip(engine, max_norm: float) -> None:
 
 
 def _fp16_supported() -> bool:
+    """fp16 training (dynamic loss scaling) is for GPUs: DeepSpeed's CPU accelerator reports fp16 support
+    on CPUs with AVX512-FP16 (Sapphire Rapids), but its fused CPU optimizers and our tests are fp32/bf16."""
     from deepspeed.accelerator import get_accelerator
 
-    return bool(get_accelerator().is_fp16_supported())
+    accelerator = get_accelerator()
+    return accelerator.device_name() != "cpu" and bool(accelerator.is_fp16_supported())

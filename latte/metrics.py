@@ -182,6 +182,20 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, step)
         print(f"step {step:>7d} | " + " | ".join(_fmt(k, v) for k, v in values.items()), flush=True)
 
+    def log_validation(self, step: int, results: dict, seconds: float) -> None:
+        """Log a validation (``{"raw": ValidationResult, "ema": ...}``) that took ``seconds``: TensorBoard
+        ``val_raw/*`` and ``val_ema/*``, one console line; its time is left out of the interval's rates."""
+        from latte.evaluation.validation_loss import format_results
+
+        self.t0 += seconds
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for name, result in results.items():
+                for key, value in result.scalars(f"val_{name}").items():
+                    self.writer.add_scalar(key, value, step)
+        print(format_results(step, results, seconds), flush=True)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

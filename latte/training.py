@@ -19,7 +19,7 @@ from latte.builders import build_diffusion, build_model
 from latte.config import Config
 from latte.ema import ShardedEMA
 from latte.engine import build_engine
-from latte.precision import DTYPES
+from latte.precision import DTYPES, call_in
 
 
 @dataclass
@@ -31,11 +31,9 @@ class Training:
     n_params: int  # trainable parameters
 
     def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        """The network as the diffusion math calls it: inputs (and floating conditioning such as caption
-        embeddings) cast to the engine's precision, the output back to fp32 (the diffusion's arithmetic
-        stays fp32)."""
-        kwargs = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
-        return self.engine(x_t.to(self.compute_dtype), t, **kwargs).float()
+        """The engine as the diffusion math calls it (``precision.call_in``: in the engine's precision,
+        the output back to fp32)."""
+        return call_in(self.engine, self.compute_dtype, x_t, t, **kwargs)
 
 
 def seed_everything(seed: int) -> None:

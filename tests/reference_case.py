@@ -2,10 +2,10 @@
 and the script that produced ``tests/data/reference_outputs.pt``.
 
 The golden outputs were computed by the original Latte ``models/latte.py`` (attention_mode="math", commit
-b27c24a of github.com/Vchitect/Latte) after loading exactly these state dicts with strict=True, once per CPU
-capability (``torch.backends.cpu.get_cpu_capability()``), since AVX-512 and AVX2 kernels round differently:
-"AVX512" on the machine of the first sessions, "AVX2" on an AMD EPYC (Zen 3) with torch 2.13.0 (that one
-differs from the AVX-512 golden by up to 3e-5, and ours equals it bit for bit).
+b27c24a of github.com/Vchitect/Latte) after loading exactly these state dicts with strict=True, once per
+machine kind (``tests/make_reference_outputs.py``), since ATen, MKL and oneDNN round differently on AVX2,
+AVX-512 and AMX CPUs: "AVX512" on the machine of the first sessions, "AVX2" on an AMD EPYC (Zen 3), and an
+Intel Sapphire Rapids entry (up to ~1e-4 from the other two; ours equals each on its machine bit for bit).
 The weights are random (not the zero-initialised adaLN of a fresh model) so that every block matters.
 """
 

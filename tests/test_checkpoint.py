@@ -223,10 +223,11 @@ def _kill_9(proc: subprocess.Popen, ck: Path, after: int, during_save: bool) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "zero, precision, kill_during_save",
-    [("2", "fp32", False), ("3", "fp32", True), ("2", "bf16", True), ("3", "bf16", False)],
+    [("2", "bf16", False), ("3", "bf16", True)],
 )
 def test_kill_9_and_resume_auto_gives_the_same_bits(tmp_path, zero, precision, kill_during_save):
-    """Two kills per run (one at a random moment, one inside a save, in either order), each resumed."""
+    """Two kills per run (one at a random moment, one inside a save, in either order), each resumed. (fp32
+    under ZeRO-2 and ZeRO-3: the text-to-video model's kill -9 tests, which share this machinery.)"""
     overrides = [f"train.zero_stage={zero}", f"train.precision={precision}"]
     unbroken = _start(tmp_path / "unbroken", overrides)
     broken = tmp_path / "broken"

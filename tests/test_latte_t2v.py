@@ -91,11 +91,11 @@ def _reference(ref: LatteTransformer3DModel, x, t, encoder_hidden_states, mask=N
     return out.permute(0, 2, 1, 3, 4)  # (N, C, F, H, W) -> (N, F, C, H, W)
 
 
-def _assert_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, what: str, tol: float = TOL) -> None:
     err, peak = (out - ref).abs().max().item(), ref.abs().max().item()
     print(f"{what}: max |diff| {err:.3g}, max |ref| {peak:.3g}, relative {err / peak:.3g}")
     assert out.shape == ref.shape
-    assert err <= TOL * peak + ABS, f"{what}: max |diff| {err} > {TOL} x {peak} + {ABS}"
+    assert err <= tol * peak + ABS, f"{what}: max |diff| {err} > {tol} x {peak} + {ABS}"
 
 
 AFFINE_NO_BIAS = {"norm_elementwise_affine": True, "attention_bias": False}
@@ -240,7 +240,8 @@ def test_caption_without_real_tokens_is_finite_and_ignored() -> None:
         other["encoder_hidden_states"][1] = inputs["encoder_hidden_states"][1]
         assert torch.equal(ours(**other, encoder_attention_mask=mask)[0], out[0])  # no caption value counts
         alone = {k: v[1:] for k, v in inputs.items()}
-        _assert_close(ours(**alone, encoder_attention_mask=mask[1:])[0], out[1], "batch independence")
+        # (batch 1 vs 2 runs other GEMM blockings: 1.2e-5 relative on an AMX Xeon; a masking error is O(1))
+        _assert_close(ours(**alone, encoder_attention_mask=mask[1:])[0], out[1], "batch independence", 1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------

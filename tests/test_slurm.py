@@ -2,7 +2,9 @@
 
 Checked: `sbatch train.sh CONFIG --set ...` runs 2 ranks to the end and logs the job facts; USR1 to the batch
 shell (what SLURM sends before a time limit) makes the ranks checkpoint and exit 3, the script requeues, the
-rerun resumes and ends with the same bits as an unbroken run, leaving no process behind; a config error
+rerun resumes and ends with the same bits as an unbroken run, leaving no process behind (these two jobs
+train the text-to-video model on captioned shards; the class-conditional model's stop on SIGUSR1 is
+tests/test_checkpoint.py's); a config error
 fails at once without a requeue, a crash is requeued only LATTE_MAX_RESTARTS times, a scancel checkpoints
 and stays cancelled; the sharding array (2 tasks, killed once and resubmitted) and its index job give the
 samples one local task gives.
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from make_shards import make_dataset
 from slurm_cluster import FINAL_STATES
 from test_checkpoint import _env, assert_same_checkpoint
 from test_shard_latents import OPTIONS, VIDEOS, read_samples
@@ -28,6 +31,7 @@ pytestmark = pytest.mark.slow  # a real slurmctld + slurmd, whole jobs
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SH, SHARD_SH = REPO / "launch/slurm/train.sh", REPO / "launch/slurm/shard.sh"
 TINY = REPO / "configs" / "tiny.yaml"
+TINY_T2V = REPO / "configs" / "tiny_t2v.yaml"
 CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the scripts' GPU-node defaults, overridden on the line
 TWO_RANKS = [*CPU, "--nodes=1", "--ntasks-per-node=2"]
 STEPS, LOG_EVERY, CKPT_EVERY, SIGNAL_AT = 160, 10, 50, 20
@@ -39,10 +43,10 @@ def job_env(**extra: str) -> dict[str, str]:
     return {**_env(), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", **extra}
 
 
-def train_args(results: Path, *overrides: str) -> list[str]:
+def train_args(results: Path, *overrides: str, config: Path = TINY) -> list[str]:
     return [
         str(TRAIN_SH),
-        str(TINY),
+        str(config),
         "--set",
         f"train.results_dir={results}",
         f"train.max_steps={STEPS}",
@@ -83,13 +87,17 @@ def processes_mentioning(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def train_jobs(slurm, tmp_path_factory) -> dict:
-    """Submits "unbroken" and "preempted" (the same config) from a directory with logs/, and sends the batch
-    shell of "preempted" USR1 (``scancel -b -s USR1``, as SLURM's ``--signal=B:USR1@180`` does) once its log
-    shows step SIGNAL_AT of STEPS."""
+    """Submits "unbroken" and "preempted" (the same text-to-video config, on captioned shards) from a
+    directory with logs/, and sends the batch shell of "preempted" USR1 (``scancel -b -s USR1``, as SLURM's
+    ``--signal=B:USR1@180`` does) once its log shows step SIGNAL_AT of STEPS."""
     root = tmp_path_factory.mktemp("slurm-train")
     (root / "logs").mkdir()
+    make_dataset(str(root / "data"), [20] * 6, caption_width=32, classes=0)  # 1..8 tokens: padded
+    data = [f"data.index={root / 'data'}", "data.shuffle_buffer=16"]
     jobs = {
-        name: slurm.sbatch([*TWO_RANKS, *train_args(root / name)], cwd=root, env=job_env())
+        name: slurm.sbatch(
+            [*TWO_RANKS, *train_args(root / name, *data, config=TINY_T2V)], cwd=root, env=job_env()
+        )
         for name in ("unbroken", "preempted")
     }
     wait_for_log(slurm, jobs["preempted"], f"step {SIGNAL_AT:7d} |")
@@ -106,9 +114,11 @@ def test_two_cpu_ranks_run_to_completion(slurm, train_jobs):
     assert f"[latte] job {job} (latte) restart 0, started " in log
     facts = "[latte] nodes 1 (localhost), tasks 2, CPUs per task 1, GPUs per node 0; rendezvous localhost:"
     assert facts in log
-    assert f"[latte] config {TINY}; train.py args: --set train.results_dir={root / 'unbroken'} " in log
+    assert f"[latte] config {TINY_T2V}; train.py args: --set train.results_dir={root / 'unbroken'} " in log
     assert f"[latte] python {sys.executable}; repository {REPO}; working directory {root}" in log
-    assert "| 2 x cpu |" in log and f"step {STEPS:7d} |" in log  # two ranks found each other, ran to the end
+    assert (
+        "LatteT2V-T/2 0.29M params | 2 x cpu |" in log and f"step {STEPS:7d} |" in log
+    )  # 2 ranks, to the end
     assert log.rstrip().endswith("[latte] training finished")
     ck = root / "unbroken" / "checkpoints"
     assert (ck / "latest").read_text() == tag_for(STEPS) and (ck / tag_for(STEPS) / "COMPLETE").is_file()

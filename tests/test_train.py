@@ -47,6 +47,7 @@ def test_train_tiny_loss_falls(tmp_path):
         (["--set", "train.lrr=1"], "error: unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
         (["--config", "configs/nope.yaml"], "error: config file not found: configs/nope.yaml"),
         (["--set", "train.precision=fp16"], "error: train.precision fp16 is not supported on this device"),
+        (["--set", "data.val_index=/nonexistent/val"], "error: data.val_index: "),
     ],
 )
 def test_train_rejects_bad_input_with_one_line(args, message, tmp_path):
