@@ -22,7 +22,10 @@ time budget reports ``skipped: time budget``. Parts:
    non-blocking copies, engine backward/step, sharded EMA) vs the bare step; the EMA update's time;
 5. fp16 with the dynamic loss scaler through ``train.train``: 12 steps straight vs 6 + resume + 6, with
    ``train.deterministic`` (losses and scaler state equal) and without (losses within a tolerance);
-6. sampling: DDIM 10 steps with classifier-free guidance in bf16: finite outputs, ms per step.
+6. sampling: DDIM 10 steps with classifier-free guidance in bf16: finite outputs, ms per step;
+7. (between 3 and 4) the bare step of the text-to-video model (``--t2v-model``, Latte-1's LatteT2V-XL/2) with
+   captions padded to 120 tokens, per backend: its cross-attention runs the kernels part 2 checks on the
+   (B*F, T, H, D) x (B*F, 120, H, D) shape with caption masks.
 
 Never write a figure into a README that this script did not print on the machine named in its first table.
 """
@@ -56,10 +59,12 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import latte.models.attention as kernels  # noqa: E402
 from latte.builders import build_diffusion, build_model, compile_blocks  # noqa: E402
-from latte.config import Config, load_config, resolved_arch  # noqa: E402
+from latte.config import Config, caption_channels_of, load_config, resolved_arch  # noqa: E402
 from latte.errors import first_line  # noqa: E402
-from latte.metrics import flops_per_sample, peak_for_name  # noqa: E402
+from latte.metrics import flops_per_sample, peak_for_name, t2v_flops_per_sample  # noqa: E402
+from latte.precision import call_in  # noqa: E402
 
+CAPTION_TOKENS = 120  # Latte-1's T5 length
 PACKAGES = ("torch", "deepspeed", "flash_attn", "flash_attn_interface", "xformers", "diffusers", "triton")
 
 
@@ -104,16 +109,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="directory for gpu_check.md and gpu_check.json")
     p.add_argument("--model", default="Latte-XL/2")
+    p.add_argument("--t2v-model", default="LatteT2V-XL/2", help="the text-to-video part's flavor (Latte-1's)")
     p.add_argument("--batch", type=int, default=8, help="micro-batch of the train steps")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--latent", type=int, default=32, help="latent size (256 px / 8)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per train-step row (after 2 warm-up)")
     p.add_argument("--budget-s", type=float, default=450.0, help="no part starts after this many seconds")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device: test the script")
-    p.add_argument("--parts", nargs="+", default=["env", "attention", "step", "deepspeed", "fp16", "sample"])
+    p.add_argument(
+        "--parts", nargs="+", default=["env", "attention", "step", "t2v", "deepspeed", "fp16", "sample"]
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.batch, args.frames, args.latent, args.steps = "Latte-T/2", 2, 4, 8, 2
+        args.t2v_model = "LatteT2V-T/2"
     return args
 
 
@@ -149,12 +158,14 @@ def _time_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _config(args: argparse.Namespace, *overrides: str) -> Config:
+def _config(args: argparse.Namespace, *overrides: str, model: str | None = None) -> Config:
+    """The benchmark's config of ``model`` (default ``--model``; a text-to-video flavor takes no classes)."""
+    name = model or args.model
     return load_config(
         None,
         [
-            f"model.name={args.model}",
-            "model.num_classes=101",
+            f"model.name={name}",
+            f"model.num_classes={0 if name.startswith('LatteT2V') else 101}",
             "train.precision=bf16",
             f"data.num_frames={args.frames}",
             f"data.image_size={args.latent * 8}",
@@ -244,13 +255,18 @@ def _kernel_context(sdpa_kernel: str | None):
     return force(getattr(SDPBackend, sdpa_kernel))
 
 
-def _attention_case(shape: tuple[int, int, int, int], dev: torch.device, masked: bool, seed: int):
+def _attention_case(
+    shape: tuple[int, int, int, int], dev: torch.device, masked: bool, seed: int, keys: int | None = None
+):
+    """q and the output gradient (B, N, H, D), k and v (B, keys, H, D) (``keys`` None: N), and with
+    ``masked`` a (B, keys) key padding mask."""
     b, n, h, d = shape
+    m = keys or n
     g = torch.Generator().manual_seed(seed)
-    q, k, v, grad = (torch.randn(b, n, h, d, generator=g) for _ in range(4))
+    q, k, v, grad = (torch.randn(b, n if i in (0, 3) else m, h, d, generator=g) for i in range(4))
     mask = None
     if masked:
-        mask = torch.rand(b, n, generator=g) > 0.3  # (B, N) key padding, True = real
+        mask = torch.rand(b, m, generator=g) > 0.3  # (B, M) key padding, True = real
         mask[:, 0] = True
         mask[0] = False  # one sequence with every key masked: zeros, never NaN
     return [u.to(dev) for u in (q, k, v, grad)], None if mask is None else mask.to(dev)
@@ -276,9 +292,13 @@ def attention_parity(args: argparse.Namespace, part: Part) -> None:
     arch = resolved_arch(_config(args))
     heads, head_dim = arch.num_heads, arch.hidden_size // arch.num_heads
     tokens = (args.latent // arch.patch_size) ** 2
-    shapes = {
-        "spatial": (args.batch * args.frames, tokens, heads, head_dim),
-        "temporal": (args.batch * tokens, args.frames, heads, head_dim),
+    shapes = {  # (shape of q, key length): the class-conditional blocks, and LatteT2V's caption attention
+        "spatial": ((args.batch * args.frames, tokens, heads, head_dim), None),
+        "temporal": ((args.batch * tokens, args.frames, heads, head_dim), None),
+        f"cross ({CAPTION_TOKENS} caption keys)": (
+            (args.batch * args.frames, tokens, heads, head_dim),
+            CAPTION_TOKENS,
+        ),
     }
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     kernels.probe(dev, dtype, head_dim, heads)
@@ -287,9 +307,9 @@ def attention_parity(args: argparse.Namespace, part: Part) -> None:
         f"math| / max |math| over the output and dq, dk, dv; masked: random key padding with "
         f"one fully masked sequence (its output must be 0 and finite)"
     )
-    for where, shape in shapes.items():
+    for where, (shape, keys) in shapes.items():
         for masked in (False, True):
-            tensors, mask = _attention_case(shape, dev, masked, seed=len(where))
+            tensors, mask = _attention_case(shape, dev, masked, seed=len(where), keys=keys)
             ref = _fwd_bwd("math", None, tensors, mask, torch.float32)
             for label, backend, sdpa_kernel in KERNELS:
                 row = [f"{where} {tuple(shape)}", "yes" if masked else "no", label]
@@ -335,7 +355,7 @@ def _inputs(cfg: Config, dev: torch.device) -> StepInputs:
     return StepInputs(
         x.to(dev),
         torch.randint(0, 1000, (n,), generator=g).to(dev),
-        torch.randint(0, cfg.model.num_classes, (n,), generator=g).to(dev),
+        torch.randint(0, max(cfg.model.num_classes, 1), (n,), generator=g).to(dev),  # (unused by T2V)
         torch.randn(x.shape, generator=g).to(dev),
     )
 
@@ -370,6 +390,19 @@ def _count_kernels(fn: Callable[[], Any]) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def _condition(cfg: Config, inp: StepInputs, dev: torch.device) -> dict[str, torch.Tensor]:
+    """The model's conditioning kwargs: class labels, or (text-to-video) padded caption states + mask."""
+    channels = caption_channels_of(cfg.model)
+    if not channels:
+        return {"y": inp.y}
+    g = torch.Generator().manual_seed(1)
+    n = inp.x.shape[0]
+    states = torch.randn(n, CAPTION_TOKENS, channels, generator=g)  # (N, L, D)
+    lengths = torch.randint(8, CAPTION_TOKENS + 1, (n,), generator=g)  # real tokens per caption
+    mask = torch.arange(CAPTION_TOKENS)[None] < lengths[:, None]  # (N, L)
+    return {"encoder_hidden_states": states.to(dev), "encoder_attention_mask": mask.to(dev)}
+
+
 def bare_step_fn(cfg: Config, dev: torch.device, compile_backend: str | None):
     """(step function, model) of a bare bf16 train step: forward + loss, backward, fused AdamW."""
     torch.manual_seed(0)
@@ -383,11 +416,13 @@ def bare_step_fn(cfg: Config, dev: torch.device, compile_backend: str | None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
 
+    condition = _condition(cfg, inp, dev)
+
     def model_fn(x_t, ts, **kw):
-        return model(x_t.to(dtype), ts, **kw).float()
+        return call_in(model, dtype, x_t, ts, **kw)
 
     def step() -> None:
-        loss = diffusion.training_losses(model_fn, inp.x, inp.t, {"y": inp.y}, noise=inp.noise)["loss"].mean()
+        loss = diffusion.training_losses(model_fn, inp.x, inp.t, condition, noise=inp.noise)["loss"].mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -399,27 +434,38 @@ def _mfu(cfg: Config, ms: float, dev: torch.device) -> float | None:
     if dev.type != "cuda":
         return None
     peak = peak_for_name(torch.cuda.get_device_name(dev), cfg.train.precision)
-    flops = flops_per_sample(resolved_arch(cfg), cfg.data.num_frames, cfg.data.latent_size).training
+    arch, d, m = resolved_arch(cfg), cfg.data, cfg.model
+    if caption_channels_of(m):
+        out = m.in_channels * (2 if m.learn_sigma else 1)
+        flops = t2v_flops_per_sample(arch, d.num_frames, d.latent_size, CAPTION_TOKENS, m.in_channels, out)
+    else:
+        flops = flops_per_sample(arch, d.num_frames, d.latent_size)
+    flops = flops.training
     return None if not peak else flops * cfg.train.micro_batch_size / (ms / 1e3) / peak
 
 
 _BARE_MS: dict[str, float] = {}  # "backend/mode" -> bare step ms, for the DeepSpeed ratios
 
 
-def train_steps(args: argparse.Namespace, part: Part) -> None:
+def train_steps(args: argparse.Namespace, part: Part, t2v: bool = False) -> None:
+    """The bare step of ``--model`` (``t2v``: of ``--t2v-model``, with padded captions) per backend."""
+    model = args.t2v_model if t2v else args.model
     dev = _device()
     fp32 = ["train.precision=fp32"] if dev.type != "cuda" else []  # no bf16 speed to measure on a CPU
-    arch = resolved_arch(_config(args))
+    arch = resolved_arch(_config(args, model=model))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     probe_q = torch.empty(1, 1, arch.num_heads, arch.hidden_size // arch.num_heads, device=dev, dtype=dtype)
     # inductor on a CPU takes minutes to generate C++: the smoke run compiles through aot_eager instead
     compile_backend = "inductor" if dev.type == "cuda" else "aot_eager"
+    captions = f", captions of {CAPTION_TOKENS} tokens (8..{CAPTION_TOKENS} real)" if t2v else ""
     part.notes.append(
-        f"{args.model}, micro-batch {args.batch}, {args.frames}x{args.latent}² latents, "
+        f"{model}{captions}, micro-batch {args.batch}, {args.frames}x{args.latent}² latents, "
         f"{str(dtype).replace('torch.', '')}, median of {args.steps} steps after 2 warm-up; "
         f"compiled = model.compile ({compile_backend}), compile time not counted"
     )
     rows = [("auto", False), ("auto", True)] + [(b, False) for b in ("flash3", "flash", "xformers", "sdpa")]
+    if t2v:
+        rows = [("auto", False), ("auto", True), ("flash", False), ("sdpa", False)]
     for backend, compiled in rows:
         mode = "compiled" if compiled else "eager"
         reason = kernels.why_not(backend, probe_q) if backend not in ("auto", "sdpa") else None
@@ -427,8 +473,8 @@ def train_steps(args: argparse.Namespace, part: Part) -> None:
             part.rows.append([backend, mode, f"skipped: {reason}"] + [None] * 5)
             continue
         try:
-            cfg = _config(args, *fp32, f"model.attention={backend}")
-            step, model = bare_step_fn(cfg, dev, compile_backend if compiled else None)
+            cfg = _config(args, *fp32, f"model.attention={backend}", model=model)
+            step, net = bare_step_fn(cfg, dev, compile_backend if compiled else None)
             ran = kernels.resolve_backend(backend, probe_q)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -436,9 +482,10 @@ def train_steps(args: argparse.Namespace, part: Part) -> None:
             peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
             launched = _count_kernels(step) if dev.type == "cuda" else None
             syncs = _count_syncs(step) if dev.type == "cuda" else None
-            _BARE_MS[f"{backend}/{mode}"] = ms
+            if not t2v:
+                _BARE_MS[f"{backend}/{mode}"] = ms
             part.rows.append([backend, mode, ran, ms, _mfu(cfg, ms, dev), peak, launched, syncs])
-            del step, model
+            del step, net
         except Exception as exc:  # noqa: BLE001
             part.rows.append([backend, mode, f"failed: {_first_line(exc)}"] + [None] * 5)
         finally:
@@ -678,6 +725,12 @@ PARTS = {
         ["backend", "mode", "ran", "ms", "MFU", "peak GiB", "CUDA kernels", "host syncs"],
         train_steps,
         120,
+    ),
+    "t2v": (
+        "bare train step of the text-to-video model (LatteT2V: cross-attention to masked captions)",
+        ["backend", "mode", "ran", "ms", "MFU", "peak GiB", "CUDA kernels", "host syncs"],
+        functools.partial(train_steps, t2v=True),
+        90,
     ),
     "deepspeed": (
         "DeepSpeed, one rank: train.py's step",

@@ -23,7 +23,7 @@ def test_gpu_check_smoke_runs_every_part_or_names_what_is_missing(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     parts = {p["title"]: p for p in json.loads((tmp_path / "gpu_check.json").read_text())}
-    assert len(parts) == 6 and (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (smoke")
+    assert len(parts) == 7 and (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (smoke")
     for title, part in parts.items():
         assert part["status"] == "ok" or part["status"].startswith("skipped: "), (title, part["status"])
     cuda = any(row[0] == "device" and not row[1].startswith("cpu") for row in parts["environment"]["rows"])
@@ -34,11 +34,16 @@ def test_gpu_check_smoke_runs_every_part_or_names_what_is_missing(tmp_path):
         )
     attention = parts["attention kernels vs fp32 math"]["rows"]
     sdpa = [row for row in attention if row[2] == "sdpa"]
-    assert len(sdpa) == 4 and all(row[3] == "ok" and max(row[4:8]) < 1e-5 for row in sdpa)  # fp32 here
+    assert len(sdpa) == 6 and all(row[3] == "ok" and max(row[4:8]) < 1e-5 for row in sdpa)  # fp32 here
     steps = {
         (row[0], row[1]): row for row in parts["bare train step per attention backend (no DeepSpeed)"]["rows"]
     }
     assert steps[("auto", "compiled")][2] in ("sdpa", "flash", "flash3", "xformers")
+    t2v = parts["bare train step of the text-to-video model (LatteT2V: cross-attention to masked captions)"]
+    ran = {(row[0], row[1]): row[2] for row in t2v["rows"]}
+    assert ran[("auto", "eager")] in ("sdpa", "flash", "flash3") and ran[("sdpa", "eager")] == "sdpa"
+    cross = [row for row in attention if row[0].startswith("cross (120 caption keys)") and row[2] == "sdpa"]
+    assert len(cross) == 2 and all(row[3] == "ok" for row in cross)
     deepspeed = parts["DeepSpeed, one rank: train.py's step"]
     assert [row[0] for row in deepspeed["rows"]] == ["ZeRO-2", "ZeRO-3"]
     (sample,) = parts["sampling"]["rows"]
