@@ -184,6 +184,13 @@ def test_sampling_from_prompts_and_from_prompt_embeddings(t2v_run, tmp_path):
     missing = _sample(t2v_run, tmp_path / "e")
     assert missing.returncode == 2 and "samples from prompts" in missing.stderr
 
+    # a long video by extension (4-frame clips, 10 frames, each clip conditioned on the previous one's end)
+    longer = _sample(
+        t2v_run, tmp_path / "g", *args, "--prompt", prompts[0], "--total-frames", "10", "--save-latents"
+    )
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert np.load(tmp_path / "g" / "sample_0000.npy").shape[0] == 10  # (F, C, h, w)
+
     images = _sample(t2v_run, tmp_path / "f", *args, "--prompt", prompts[0], "--images")  # text-to-image
     assert images.returncode == 0, images.stderr[-3000:]
     from PIL import Image
