@@ -15,10 +15,11 @@ of (clip, k) is seeded by the clip's place in the set and k, the latent's poster
 weights and the dataset. Reported per bucket and as the mean over buckets: ``loss`` (the training objective:
 MSE, + the VB term when the model learns sigma, as ``diffusion.training_losses``) and ``mse``.
 
-World-size independence: clip i is evaluated on rank i % W, its K timesteps in chunks of
-``train.micro_batch_size`` (so every forward's batch is the same whatever W), the per-bucket sums are
-accumulated in float64 and all-reduced. Ranks with fewer clips evaluate a padding clip at weight 0, so that
-every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in each).
+World-size independence: clip i is evaluated on rank i % W, its K timesteps in chunks of twice
+``train.micro_batch_size`` (a forward without a backward stores no activations; every forward's batch is the
+same whatever W), and the per-bucket sums are accumulated in float64 and all-reduced. Ranks with fewer clips
+evaluate a padding clip at weight 0, so that every rank runs the same number of forwards (ZeRO-3 gathers
+parameters collectively in each).
 
 Exact resume is untouched: no RNG state is read or advanced (every draw has its own generator, and the EMA's
 evaluation copy of the model is built under a forked RNG), and training's data stream is not involved.
@@ -156,7 +157,7 @@ class Validator:
         collective: every rank calls it."""
         w, t_cfg = self.world, self.cfg.train
         args = (tr.diffusion, self.conditioning, self.vset, w.rank, w.world_size, w.device)
-        sizes = {"buckets": t_cfg.val_buckets, "batch_size": t_cfg.micro_batch_size}
+        sizes = {"buckets": t_cfg.val_buckets, "batch_size": 2 * t_cfg.micro_batch_size}
         raw = validation_loss(tr.model_fn, *args, **sizes)
         net = self._ema_module(tr.compute_dtype)
         net.load_state_dict(tr.ema.consolidate())  # the full EMA (gathered from every rank's shard)
