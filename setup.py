@@ -23,6 +23,8 @@ setup(
         "boto3>=1.34",
         "av>=12",
         "numpy>=1.24",
+        # the Frechet distance of FVD/FID (latte.evaluation): scipy.linalg.sqrtm, as StyleGAN-V computes it
+        "scipy>=1.10",
         "pyyaml>=6",
         "tqdm>=4.60",
         "tensorboard>=2.14",

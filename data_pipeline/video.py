@@ -278,6 +278,16 @@ def _count_frames(source: str | bytes) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size)
 
 
+def count_frames(source: str | bytes) -> int:
+    """Frames in the first video stream of a local path or bytes (``VideoError`` for an unreadable file)."""
+    import av
+
+    try:
+        return _count_frames(source)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VideoError(f"{type(exc).__name__}: {first_line(exc)}") from None
+
+
 def _video_stream(container):
     if not container.streams.video:
         raise VideoError("no video stream")
