@@ -136,19 +136,20 @@ def _install_timm_shim() -> bool:
     return True
 
 
-def load_original(checkout: Path) -> tuple[types.ModuleType, bool]:
-    """The original ``models/latte.py`` as module ``original_latte``, and whether the timm shim is in use."""
-    path = checkout / "models" / "latte.py"
+def load_original(checkout: Path, name: str = "latte") -> tuple[types.ModuleType, bool]:
+    """The original ``models/{name}.py`` (``latte_img``: the joint video-image model) as module
+    ``original_{name}``, and whether the timm shim is in use."""
+    path = checkout / "models" / f"{name}.py"
     if not path.is_file():
         raise SystemExit(
-            f"--original {checkout}: no models/latte.py there (expected a Vchitect/Latte checkout)"
+            f"--original {checkout}: no models/{name}.py there (expected a Vchitect/Latte checkout)"
         )
     if importlib.util.find_spec("einops") is None:
         raise SystemExit("the original models/latte.py needs einops: pip install einops")
     shim = _install_timm_shim()
-    spec = importlib.util.spec_from_file_location("original_latte", path)
+    spec = importlib.util.spec_from_file_location(f"original_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["original_latte"] = module
+    sys.modules[f"original_{name}"] = module
     spec.loader.exec_module(module)
     return module, shim
 

@@ -4,9 +4,12 @@
 
 The original ``models/latte.py`` (attention_mode="math") is loaded by path (``benchmarks/vs_original.py``'s
 loader, with its timm shim when timm is absent), loads each case's state dict of ``reference_case.py`` with
-strict=True and computes ``forward`` (and ``forward_with_cfg`` for the class-conditional case). The outputs
-are stored under ``machine_key()``: ATen's CPU capability and the CPU's model and ISA extensions, since MKL
-and oneDNN pick kernels (and so roundings) by CPU, not only by ATen's capability. Existing entries are kept.
+strict=True and computes ``forward`` (and ``forward_with_cfg`` for the class-conditional case). The joint
+video-image model ``models/latte_img.py`` computes the training-mode ``forward`` of each ``CASES_IMG`` case
+(with images; label dropout drawn after ``torch.manual_seed(DROP_SEED)``). The outputs are stored under
+``machine_key()``: ATen's CPU capability and the CPU's model and ISA extensions, since MKL and oneDNN pick
+kernels (and so roundings) by CPU, not only by ATen's capability. Existing entries are kept (this machine's
+cases are replaced one by one: an entry made before the joint cases keeps its video cases' tensors).
 """
 
 from __future__ import annotations
@@ -41,21 +44,29 @@ def machine_key() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()} | {model} | {present}"
 
 
+def _original_model(module, case: dict, ours: torch.nn.Module) -> torch.nn.Module:
+    """The original's Latte for ``case`` (eval mode), holding ``ours``' weights (strict)."""
+    params = inspect.signature(module.Latte.__init__).parameters
+    kwargs = {k: v for k, v in case.items() if k in params and k != "num_classes"}
+    classes = case["num_classes"]
+    ref = module.Latte(
+        **kwargs, num_classes=classes or 1000, extras=2 if classes else 1, attention_mode="math"
+    ).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ref
+
+
 def original_outputs(checkout: Path) -> dict[str, dict[str, torch.Tensor | None]]:
-    from reference_case import CASES, CFG_SCALE, build_case
+    from reference_case import CASES, CASES_IMG, CFG_SCALE, DROP_SEED, build_case, build_joint_case
     from vs_original import load_original
 
     module, _ = load_original(checkout)
-    params = inspect.signature(module.Latte.__init__).parameters
+    joint, _ = load_original(checkout, "latte_img")
     out = {}
     for name, case in CASES.items():
         ours, inp = build_case(case, attention="math")
-        kwargs = {k: v for k, v in case.items() if k in params and k != "num_classes"}
         classes = case["num_classes"]
-        ref = module.Latte(
-            **kwargs, num_classes=classes or 1000, extras=2 if classes else 1, attention_mode="math"
-        ).eval()
-        ref.load_state_dict(ours.state_dict(), strict=True)
+        ref = _original_model(module, case, ours)
         with torch.no_grad():
             forward = ref(inp["x"], inp["t"], y=inp.get("y")) if classes else ref(inp["x"], inp["t"])
             guided = (
@@ -64,6 +75,14 @@ def original_outputs(checkout: Path) -> dict[str, dict[str, torch.Tensor | None]
                 else None
             )
         out[name] = {"forward": forward, "forward_with_cfg": guided}
+    for name, case in CASES_IMG.items():
+        ours, inp = build_joint_case(case, attention="math")
+        ref = _original_model(joint, case, ours).train()  # its forward takes images in training mode only
+        labels = {"y": inp["y"], "y_image": inp["y_image"]} if case["num_classes"] else {}
+        torch.manual_seed(DROP_SEED)  # its label dropout's draws (reference_case.joint_drop_ids)
+        with torch.no_grad():
+            forward = ref(inp["x"], inp["t"], use_image_num=inp["use_image_num"], **labels)
+        out[name] = {"forward": forward}
     return out
 
 
@@ -73,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     golden = torch.load(GOLDEN) if GOLDEN.is_file() else {}
     key = machine_key()
-    golden[key] = original_outputs(args.original)
+    golden[key] = {**golden.get(key, {}), **original_outputs(args.original)}
     torch.save(golden, GOLDEN)
     print(f"{GOLDEN}: added '{key}' ({len(golden)} machines)")
 

@@ -90,6 +90,8 @@ class LabelEmbedder(nn.Module):
 
     With ``dropout_prob > 0`` the table has one extra row (index ``num_classes``): the "no class" embedding
     used for dropped labels in training and for the unconditional half of a guided forward.
+    Labels are (N,) or (N, K) (a sample's K image labels): dropout is one draw per sample, shared by its K
+    labels, as the original joint model's ``y_embedder(labels.reshape(1, -1))`` per sample draws it.
     """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
@@ -99,16 +101,18 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
     def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        """labels (N,) or (N, K); force_drop_ids (N,) per sample or labels' shape, 1 = drop."""
         if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob  # (N,)
         else:
             drop = force_drop_ids == 1
+        drop = drop.reshape(drop.shape + (1,) * (labels.dim() - drop.dim()))  # (N,) -> (N, 1): per sample
         return torch.where(drop, self.num_classes, labels)
 
     def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)  # (N, D)
+        return self.embedding_table(labels)  # (N, D) or (N, K, D)
 
 
 # ----------------------------------------------------------------------------------------------------------

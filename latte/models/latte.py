@@ -4,6 +4,28 @@ Spatial and temporal transformer blocks alternate (``blocks[0]`` spatial, ``bloc
 spatial block attends over the tokens of one frame, a temporal block over the frames at one token position.
 Conditioning (timestep + class) enters every block and the final layer through adaLN-Zero.
 The parameter names and the function computed are those of the released Latte checkpoints.
+
+Video-image joint training (the original's ``models/latte_img.py``, same parameters and keys as the video
+model): ``x`` holds F video frames followed by K = ``use_image_num`` single-frame image latents,
+(N, F+K, C, H, W), and the model computes what the original's training-mode
+``forward(x, t, y, y_image=..., use_image_num=K)`` computes:
+
+* The spatial blocks and the final layer see all F+K frames, each frame with its own conditioning row: the
+  timestep embedding plus, for class-conditional models, the clip's label embedding on the F video frames and
+  each image's own label (``y_image`` (N, K), embedded by the same table) on the K images.
+* The temporal blocks see only the F video frames: the temporal position table is added to the video frames
+  alone (images get no temporal position), the K images pass every temporal block unchanged, and the
+  temporal conditioning is the clip's (timestep + clip label) as in the video model.
+* Label dropout in training (the model's own draw): the clip label is drawn as in the video model, and each
+  sample's K image labels share one draw of their own (the original embeds ``y_image[n].reshape(1, K)`` per
+  sample); ``force_drop_image_ids`` lets the caller draw it instead.
+* Outputs and the loss cover all F+K frames. K = 0 is the video model, bit for bit: the same code.
+
+Where ours is wider than the original: it takes images in eval mode too (the original's class-conditional
+eval forward builds F rows of label conditioning against F+K of timestep, a shape error, so it only takes
+images in training; ours uses the image labels as given, without dropout); it takes F <= ``num_frames``
+(the original adds the whole temporal table, so F = ``num_frames``); and it needs no ``y_image`` for K = 0
+(the original iterates it in training whatever K is). Sampling is video only (``forward_with_cfg``: K = 0).
 """
 
 from __future__ import annotations
@@ -215,58 +237,81 @@ class Latte(nn.Module):
         x: Tensor,
         t: Tensor,
         y: Tensor | None = None,
+        y_image: Tensor | None = None,
+        use_image_num: int = 0,
         attention_mask: Tensor | None = None,
         force_drop_ids: Tensor | None = None,
+        force_drop_image_ids: Tensor | None = None,
     ) -> Tensor:
         """Predict noise (and variance values) for noisy latents.
 
-        x: (N, F, C, H, W) noisy latents, F <= num_frames; t: (N,) diffusion steps; y: (N,) class labels
-        (class-conditional models only); attention_mask: (N, F) bool, True = real frame (padded frames are
-        ignored as keys by the temporal and spatial attention), or (N, F, T) per token; force_drop_ids: (N,)
-        1 = replace the label by the "no class" one (label dropout drawn by the caller, e.g. per global
+        x: (N, F+K, C, H, W) noisy latents, F <= num_frames video frames then K = ``use_image_num`` images
+        (joint training, see the module docstring; K = 0: a plain clip); t: (N,) diffusion steps;
+        y: (N,) class labels of the clips, y_image: (N, K) labels of the images (class-conditional models
+        only; y_image only for K > 0); attention_mask: (N, F+K) bool, True = real frame (padded frames are
+        ignored as keys by the temporal and spatial attention), or (N, F+K, T) per token; force_drop_ids: (N,)
+        1 = replace the clip's label by the "no class" one, force_drop_image_ids: (N,) the same for all K
+        image labels of a sample, or (N, K) per image (label dropout drawn by the caller, e.g. per global
         sample in training; without it a training-mode forward draws the dropout itself).
-        Returns (N, F, C_out, H, W).
+        Returns (N, F+K, C_out, H, W).
         """
-        n, f, ch, h, w = x.shape
+        n, frames, ch, h, w = x.shape
+        k = use_image_num
+        f = frames - k  # video frames
+        if not 0 <= k < frames:
+            raise ValueError(
+                f"use_image_num {k} must be in [0, {frames}): x has {frames} frames, images last"
+            )
         if f > self.num_frames:
             raise ValueError(f"input has {f} frames but the model's temporal table covers {self.num_frames}")
         if (h, w) != (self.input_size, self.input_size) or ch != self.in_channels:
             raise ValueError(
                 f"input latents are {ch}x{h}x{w}; the model expects {self.in_channels}x{self.input_size}²"
             )
-        frames = rearrange(x, "n f c h w -> (n f) c h w")  # (N*F, C, H, W)
-        tokens = self.x_embedder(frames) + self.pos_embed  # (N*F, T, D)
-        x = rearrange(tokens, "(n f) t d -> n f t d", n=n)  # (N, F, T, D)
+        latents = rearrange(x, "n f c h w -> (n f) c h w")  # (N*(F+K), C, H, W)
+        tokens = self.x_embedder(latents) + self.pos_embed  # (N*(F+K), T, D)
+        x = rearrange(tokens, "(n f) t d -> n f t d", n=n)  # (N, F+K, T, D)
+        num_tokens = x.shape[2]
 
         t_emb = self.t_embedder(t)  # (N, D)
-        y_emb = None
+        y_frames = y_tokens = None  # the label embedding of each frame, of each token position
         if self.num_classes:
             if y is None:
                 raise ValueError("class-conditional Latte needs labels y")
+            if (k or y_image is not None) and (y_image is None or tuple(y_image.shape) != (n, k)):
+                got = None if y_image is None else tuple(y_image.shape)
+                raise ValueError(f"y_image must hold the labels of the images, (N, K) = {(n, k)}, got {got}")
             y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+            y_frames = repeat(y_emb, "n d -> n f d", f=f)  # (N, F, D): the clip's label on its frames
+            if k:  # each image its own label, from the same table (with a dropout draw of its own)
+                images = self.y_embedder(y_image, self.training, force_drop_image_ids)  # (N, K, D)
+                y_frames = torch.cat([y_frames, images], dim=1)  # (N, F+K, D)
+            y_tokens = repeat(y_emb, "n d -> n s d", s=num_tokens)  # (N, T, D)
 
-        def per_sequence(s: int) -> Tensor:
-            """(N, D) -> (N*S, D), row n*S + s: t and y repeated, then added, once per pass and shared by the
-            blocks, as the original does (its gradients then sum in the same order as well)."""
+        def per_sequence(labels: Tensor | None, s: int) -> Tensor:
+            """(N, D) timestep and (N, S, D) label embeddings -> (N*S, D), row n*S + s: added once per pass
+            and shared by the blocks, as the original does (its gradients then sum in the same order too)."""
             c = repeat(t_emb, "n d -> (n s) d", s=s)  # (N*S, D)
-            return c if y_emb is None else c + repeat(y_emb, "n d -> (n s) d", s=s)
+            return c if labels is None else c + rearrange(labels, "n s d -> (n s) d")
 
-        c_spatial, c_temporal = per_sequence(f), per_sequence(x.shape[2])  # (N*F, D), (N*T, D)
+        c_spatial = per_sequence(y_frames, frames)  # (N*(F+K), D), the final layer's too
+        c_temporal = per_sequence(y_tokens, num_tokens)  # (N*T, D): the clip's, images take no part
 
         spatial_mask = temporal_mask = None
         if attention_mask is not None:
-            token_mask = self._token_mask(attention_mask, n, f, x.shape[2])  # (N, F, T)
-            spatial_mask, temporal_mask = token_mask, token_mask.transpose(1, 2)  # (N, F, T), (N, T, F)
+            token_mask = self._token_mask(attention_mask, n, frames, num_tokens)  # (N, F+K, T)
+            spatial_mask, temporal_mask = token_mask, token_mask[:, :f].transpose(1, 2)  # ..., (N, T, F)
 
         for i in range(0, len(self.blocks), 2):
             x = self._run_block(self.blocks[i], x, c_spatial, spatial_mask)  # attends over T in each frame
-            x = x.transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D): frame sequences per token position
+            video = x[:, :f].transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D): video frames per token position
             if i == 0:  # the temporal table, (1, 1, F, D), added once before the first temporal block
-                x = x + self.temp_embed[:, None, :f]
-            x = self._run_block(self.blocks[i + 1], x, c_temporal, temporal_mask)  # attends over F
-            x = x.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
+                video = video + self.temp_embed[:, None, :f]
+            video = self._run_block(self.blocks[i + 1], video, c_temporal, temporal_mask)  # attends over F
+            video = video.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
+            x = torch.cat([video, x[:, f:]], dim=1) if k else video  # (N, F+K, T, D): images skip it
 
-        x = self.final_layer(x, c_spatial)  # (N, F, T, p*p*C_out)
+        x = self.final_layer(x, c_spatial)  # (N, F+K, T, p*p*C_out)
         return self.unpatchify(x)
 
     def forward_with_cfg(
@@ -275,6 +320,7 @@ class Latte(nn.Module):
         """Classifier-free guidance on a doubled batch [cond | uncond] (y's second half = the null class).
 
         As the reference does, guidance mixes only the eps channels; the variance channels pass through.
+        Video only (no images, K = 0), as the original samples a joint-trained model.
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)  # (N, F, C, H, W)
