@@ -143,10 +143,12 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
         return [], engine, ema
     batches = iter(data)  # after load: the stream continues where the checkpoint's left off
     micro, accum, ws = t_cfg.micro_batch_size, t_cfg.gradient_accumulation_steps, world.world_size
-    latent_shape = (cfg.data.num_frames, cfg.model.in_channels, cfg.data.latent_size, cfg.data.latent_size)
+    images = cfg.data.use_image_num  # K single-frame images after each clip's F frames (joint training)
+    frames = cfg.data.num_frames + images
+    latent_shape = (frames, cfg.model.in_channels, cfg.data.latent_size, cfg.data.latent_size)
     # (t, noise, condition dropout) of each sample from (seed, step, its index in the global batch)
     draws = TrainingDraws(
-        t_cfg.seed, diffusion.num_timesteps, latent_shape, world.device, conditioning.dropout_prob
+        t_cfg.seed, diffusion.num_timesteps, latent_shape, world.device, conditioning.dropout_prob, images > 0
     )
     interval_loss = torch.zeros((), device=world.device)  # the sum of this rank's losses since the last log
     history: list[float] = []
@@ -180,8 +182,10 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
             with metrics.waiting_for_data():
                 batch = next(batches)
             drawn = draws(step, batch_indices(a, world.rank, ws, micro))
-            x = to_device(batch["latent"], world.device, torch.float32)  # (B, F, C, h, w)
-            kwargs = conditioning.training_kwargs(batch, world.device, drawn.drop)
+            x = to_device(batch["latent"], world.device, torch.float32)  # (B, F+K, C, h, w)
+            kwargs = conditioning.training_kwargs(batch, world.device, drawn.drop, drawn.image_drop)
+            if images:
+                kwargs["use_image_num"] = images
             loss = diffusion.training_losses(training.model_fn, x, drawn.t, kwargs, noise=drawn.noise)["loss"]
             loss = loss.mean()
             engine.backward(loss)

@@ -1,13 +1,14 @@
 """Training-step time of our DeepSpeed engine vs a bare PyTorch step of the same model and batch, one run.
 
     python benchmarks/train_step.py [--model Latte-S/2 --frames 16 --latent 32 --batch 2 --steps 3 --warmup 1
-                                     --precision fp32|bf16 --attention auto]
+                                     --precision fp32|bf16 --attention auto --images 0]
 
 Rows: ``bare`` (model.train(); AdamW; loss.backward(); clip; step: no DeepSpeed), then ``zero2`` and
 ``zero3`` through ``latte.engine.build_engine`` (the exact path train.py uses). All rows see the same
 weights, data, timesteps and noise; the step is forward + backward + optimizer, timed with perf_counter
-(CUDA-synchronised on GPU) after ``--warmup`` steps, median over ``--steps``. Runs as a world of one (launch
-with torchrun for more ranks). On GPU the MFU column uses ``latte.metrics`` (FLOPs per sample from the
+(CUDA-synchronised on GPU) after ``--warmup`` steps, median over ``--steps``. ``--images K``: video-image
+joint training, K single-frame images (with their labels) after each clip's frames. Runs as a world of one
+(launch with torchrun for more ranks). On GPU the MFU column uses ``latte.metrics`` (FLOPs per sample from the
 config, peak by device).
 """
 
@@ -42,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--attention", default="auto")
     p.add_argument("--stages", nargs="+", default=["2", "3"])
+    p.add_argument("--images", type=int, default=0, help="K images per clip (video-image joint training)")
     return p.parse_args()
 
 
@@ -80,16 +82,22 @@ def main() -> None:
     torch.manual_seed(0)
     reference = build_model(cfg)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, args.frames, 4, args.latent, args.latent, generator=g).to(dev)
+    k = args.images
+    x = torch.randn(args.batch, args.frames + k, 4, args.latent, args.latent, generator=g).to(dev)
     y = torch.randint(0, 101, (args.batch,), generator=g).to(dev)
     t = torch.randint(0, 1000, (args.batch,), generator=g).to(dev)
     noise = torch.randn(x.shape, generator=g).to(dev)
+    conditions: dict = {"y": y}
+    if k:  # the images' own labels; the model runs them through the spatial blocks only
+        conditions.update(
+            y_image=torch.randint(0, 101, (args.batch, k), generator=g).to(dev), use_image_num=k
+        )
 
     def loss_of(model) -> torch.Tensor:
         def model_fn(x_t, ts, **kw):
             return model(x_t.to(dtype), ts, **kw).float()
 
-        return diffusion.training_losses(model_fn, x, t, {"y": y}, noise=noise)["loss"].mean()
+        return diffusion.training_losses(model_fn, x, t, conditions, noise=noise)["loss"].mean()
 
     def bare_step_time() -> float:
         bare = copy.deepcopy(reference).to(device=dev, dtype=dtype).train()
@@ -116,9 +124,9 @@ def main() -> None:
         rows.append((f"deepspeed zero{stage}", timed(ds_step, args.steps, args.warmup, dev)))
         del engine
 
-    flops = flops_per_sample(resolved_arch(cfg), args.frames, args.latent).training
+    flops = flops_per_sample(resolved_arch(cfg), args.frames, args.latent, images=k).training
     peak, name = peak_flops(dev, args.precision)
-    shape = f"({args.batch}, {args.frames}, 4, {args.latent}, {args.latent})"
+    shape = f"({args.batch}, {args.frames}{f' + {k} images' if k else ''}, 4, {args.latent}, {args.latent})"
     print(
         f"\n{args.model}, x = {shape}, {args.precision}, attention {args.attention}, device {name}, "
         f"torch {torch.__version__}, median of {args.steps}"

@@ -20,6 +20,11 @@ The index records the encoder, D, the length and the empty prompt's embedding (`
 it: the null condition of classifier-free guidance; ``data_pipeline.index.load_null_caption``). To caption
 shards that already exist, without encoding video again: ``python -m data_pipeline.add_captions``.
 
+Images (``--images``): SRC holds still images (png/jpg/jpeg/webp/bmp, class folders or a manifest, as for
+videos; read with PIL); each gives one one-frame sample, latents (1, C, h, w), resized and centre-cropped as
+video frames are (``--num-frames``, ``--frame-interval`` and ``--clips-per-video`` do not apply; ``--flip``
+does). The result is the image dataset of video-image joint training (``data.image_index``).
+
 Restarts. The inputs are shuffled with ``--seed`` (so a shard mixes classes; ``--sorted`` keeps path
 order), dealt to tasks as ``order[task::num_tasks]`` and cut into chunks of ``videos_per_shard`` videos
 (``--samples-per-shard`` over the samples one video gives). Chunk ``p`` of task ``t`` becomes shard
@@ -82,6 +87,8 @@ from data_pipeline.shard_writer import Caption, ShardFile, clip_samples, temp_pa
 from data_pipeline.text_encoder import DEFAULT_MAX_LENGTH, TextEncoder, TextEncoderError, load_text_encoder
 from data_pipeline.vae import LatentEncoder, VaeError, load_vae
 from data_pipeline.video import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
     ClipSpec,
     InputError,
     VideoClips,
@@ -432,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--frame-interval", type=int, default=3)
     add("--clips-per-video", type=int, default=4, help="windows spread evenly over each video")
     add("--image-size", type=int, default=256)
+    add(
+        "--images",
+        action="store_true",
+        help="the inputs are still images (png/jpg/webp/bmp; class folders or a manifest): one-frame latents "
+        "(1, C, h, w), the image dataset of video-image joint training (data.image_index)",
+    )
     add("--flip", action="store_true", help="also store each clip mirrored horizontally")
     add("--samples-per-shard", type=int, default=None, help="default: ~1 GB; shards hold whole videos")
     add("--prefix", default="shard", help="shard file name prefix")
@@ -550,10 +563,12 @@ def _text_encoder(
 def prepare(args: argparse.Namespace) -> Job:
     """Check everything before any work (``JobError``): arguments, inputs, output, VAE, an earlier run."""
     _check_numbers(args)
+    if args.images:  # one frame per image: the clip options do not apply
+        args.num_frames, args.frame_interval, args.clips_per_video = 1, 1, 1
     task, num_tasks = task_from_env(args)
     device = pick_device(args.device)
     try:
-        inputs, classes = list_inputs(args.input)
+        inputs, classes = list_inputs(args.input, IMAGE_EXTENSIONS if args.images else VIDEO_EXTENSIONS)
         if storage.is_s3(args.output) and args.tmp_dir is not None:  # else shards are written beside DST
             storage.check_writable(args.tmp_dir, what="--tmp-dir")
         storage.check_writable(args.output)
@@ -566,7 +581,7 @@ def prepare(args: argparse.Namespace) -> Job:
         raise JobError(str(exc)) from None
     per_video = args.clips_per_video * (2 if args.flip else 1)
     per_shard = args.samples_per_shard or max(1, SHARD_BYTES // (4 * int(np.prod(shape)) + 4096))
-    spec = ClipSpec(args.num_frames, args.frame_interval, args.clips_per_video, args.image_size)
+    spec = ClipSpec(args.num_frames, args.frame_interval, args.clips_per_video, args.image_size, args.images)
     job = Job(
         inputs,
         classes,

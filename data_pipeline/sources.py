@@ -9,17 +9,32 @@
 
 ``cfg.data.index`` set: ``loader.LatentLoader`` over that dataset, checked against the model the config
 builds; empty: ``synthetic.SyntheticStream``. What a batch holds follows from ``latent_sample.FIELDS``.
+
+Video-image joint training (``data.use_image_num`` K > 0): ``JointSource`` zips that clip source with a
+second one of single-frame images (a ``LatentLoader`` over ``data.image_index``, or synthetic one-frame
+clips) whose batches hold micro_batch_size x K images: batch ``latent`` (B, F+K, C, h, w), the images after
+the frames, and ``y_image`` (B, K) for labelled data. The image stream has its own seed, ``image_seed(seed)``,
+and its own epochs: the **image epoch** is one pass over the image dataset (each image at most once across
+all ranks, in an order seeded by (image seed, image epoch); only the loader's equalisation tail is left
+out), independent of the clip epoch; both streams resume exactly and survive a world-size change as
+``LatentLoader`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from data_pipeline.index import DatasetFacts
 from latte.config import Config, ConfigError, caption_channels_of
+from latte.seeding import mix_seed
+
+IMAGE_STREAM = 1  # the image stream's seed is mix_seed(train.seed, IMAGE_STREAM) (clips: train.seed itself)
+JOINT_FORMAT = "latte-joint/1"
 
 
 @runtime_checkable
@@ -51,6 +66,19 @@ def open_batches(cfg: Config, rank: int, world_size: int, device_type: str) -> B
 
     Raises ``ConfigError`` (one line) for an index that cannot be read, a missing shard, or an index that
     disagrees with the config (latent shape, VAE scaling factor, classes, caption width)."""
+    clips = _open_clips(cfg, rank, world_size, device_type)
+    if not cfg.data.use_image_num:
+        return clips
+    return JointSource(clips, _open_images(cfg, rank, world_size, device_type, clips), cfg.data.use_image_num)
+
+
+def image_seed(seed: int) -> int:
+    """The seed of the image stream of a run seeded ``seed`` (its shard orders, windows and posterior draws
+    derive from it as the clips' do from ``seed``)."""
+    return mix_seed(seed, IMAGE_STREAM)
+
+
+def _open_clips(cfg: Config, rank: int, world_size: int, device_type: str) -> BatchSource:
     caption_channels = caption_channels_of(cfg.model)  # 0: the model takes no captions
     if not cfg.data.index:
         from data_pipeline.synthetic import SyntheticStream
@@ -84,6 +112,125 @@ def open_batches(cfg: Config, rank: int, world_size: int, device_type: str) -> B
         )
     except (ValueError, LoaderError) as exc:  # unreadable index, missing shard, index vs config
         raise ConfigError(str(exc)) from None
+
+
+def _open_images(
+    cfg: Config, rank: int, world_size: int, device_type: str, clips: BatchSource
+) -> BatchSource:
+    """The image stream of joint training: micro_batch_size x K single-frame latents per batch."""
+    per_batch = cfg.train.micro_batch_size * cfg.data.use_image_num
+    if not cfg.data.image_index:  # synthetic clips: synthetic one-frame "images" of the same classes
+        from data_pipeline.synthetic import SyntheticStream
+
+        return SyntheticStream(
+            image_seed(cfg.train.seed),
+            per_batch,
+            cfg.model.num_classes,
+            1,
+            cfg.model.in_channels,
+            cfg.data.latent_size,
+            rank=rank,
+            world_size=world_size,
+            accumulation=cfg.train.gradient_accumulation_steps,
+            caption_channels=caption_channels_of(cfg.model),
+        )
+    from data_pipeline.loader import LatentLoader, LoaderError
+
+    clip_expected = expected_of(cfg)
+    expected = dataclasses.replace(clip_expected, latent_shape=(1, *clip_expected.latent_shape[1:]))
+    try:
+        images = LatentLoader(
+            cfg.data.image_index,
+            per_batch,
+            rank=rank,
+            world_size=world_size,
+            seed=image_seed(cfg.train.seed),
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            infinite=True,
+            expected=expected,
+            pin_memory=device_type == "cuda",
+        )
+    except (ValueError, LoaderError) as exc:
+        raise ConfigError(str(exc).replace("the config expects", "data.image_index needs")) from None
+    if (
+        cfg.model.num_classes
+        and clips.facts is not None
+        and list(images.facts.classes) != list(clips.facts.classes)
+    ):
+        raise ConfigError(
+            f"image dataset '{cfg.data.image_index}' has classes {_short(images.facts.classes)}, the clip "
+            f"dataset '{cfg.data.index}' {_short(clips.facts.classes)}: the labels must mean the same classes"
+        )
+    captioned = caption_channels_of(cfg.model) and clips.facts is not None
+    if captioned and images.facts.text_encoder != clips.facts.text_encoder:
+        raise ConfigError(
+            f"image dataset '{cfg.data.image_index}' was captioned by '{images.facts.text_encoder}', the "
+            f"clip dataset '{cfg.data.index}' by '{clips.facts.text_encoder}': one text encoder for both"
+        )
+    return images
+
+
+def _short(names) -> str:
+    names = list(names)
+    return repr(names) if len(names) <= 4 else f"[{', '.join(map(repr, names[:3]))}, ... ({len(names)})]"
+
+
+class JointSource:
+    """Clip batches with K single-frame images each (video-image joint training; module docstring).
+
+    Both sources hand out one batch per micro-batch in lockstep; ``state_dict()`` is ``{"format", "clips",
+    "images", "use_image_num"}``. A state of the clip source alone (a checkpoint from before images were
+    turned on) loads into the clips; the images then start at their first epoch."""
+
+    def __init__(self, clips: BatchSource, images: BatchSource, use_image_num: int) -> None:
+        self.clips, self.images, self.k = clips, images, use_image_num
+        self.facts = clips.facts
+        self.labelled = "y" in clips.batch_keys and "y" in images.batch_keys
+        self.captioned = (
+            "encoder_hidden_states" in clips.batch_keys and "encoder_hidden_states" in images.batch_keys
+        )
+        captions = ("image_encoder_hidden_states", "image_encoder_attention_mask")
+        self.batch_keys = (
+            clips.batch_keys
+            + (("y_image",) if self.labelled else ())
+            + (captions if self.captioned else ())
+            + (("image_key",) if "key" in images.batch_keys else ())  # (B lists of K sample ids)
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch, images in zip(self.clips, self.images, strict=False):  # both endless, in lockstep
+            latent = images["latent"]  # (B*K, 1, C, h, w)
+            b = len(batch["latent"])
+            images_latent = latent.reshape(b, self.k, *latent.shape[2:])  # (B, K, C, h, w), sample-major
+            batch = dict(batch)
+            batch["latent"] = torch.cat([batch["latent"], images_latent.to(batch["latent"].dtype)], dim=1)
+            if self.labelled:
+                batch["y_image"] = images["y"].reshape(b, self.k)  # (B, K)
+            if self.captioned:  # (B*K, L, D) -> (B, K, L, D), (B*K, L) -> (B, K, L)
+                for key in ("encoder_hidden_states", "encoder_attention_mask"):
+                    batch[f"image_{key}"] = images[key].reshape(b, self.k, *images[key].shape[1:])
+            if "key" in images:
+                batch["image_key"] = [images["key"][i * self.k : (i + 1) * self.k] for i in range(b)]
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": JOINT_FORMAT,
+            "use_image_num": self.k,
+            "clips": self.clips.state_dict(),
+            "images": self.images.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if isinstance(state, dict) and state.get("format") == JOINT_FORMAT:
+            self.clips.load_state_dict(state["clips"])
+            self.images.load_state_dict(state["images"])
+        else:  # saved without images: the clips continue, the images start afresh
+            self.clips.load_state_dict(state)
+
+    def null_caption(self) -> np.ndarray | None:
+        return self.clips.null_caption()
 
 
 def expected_of(cfg: Config):

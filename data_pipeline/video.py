@@ -45,6 +45,7 @@ from data_pipeline import storage
 from latte.errors import first_line
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the sharding job's image mode (``--images``)
 
 
 class InputError(ValueError):
@@ -126,7 +127,9 @@ def _manifest_rows(src: str) -> list[Row]:
     return rows
 
 
-def _numbered(rows: list[Row], src: str, integer_labels: bool) -> tuple[list[VideoInput], list[str]]:
+def _numbered(
+    rows: list[Row], src: str, integer_labels: bool, extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+) -> tuple[list[VideoInput], list[str]]:
     """Sort rows by path and number the classes: labels must be given for all rows or none. With
     ``integer_labels`` (manifests) labels that are all integers are used as they are; otherwise (and for
     folder names) class k is the k-th name in sorted order."""
@@ -138,7 +141,8 @@ def _numbered(rows: list[Row], src: str, integer_labels: bool) -> tuple[list[Vid
     if labelled == {True, False}:
         raise InputError(f"'{src}': some videos have a label (class folder, manifest column) and some do not")
     if not rows:
-        raise InputError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) found in '{src}'")
+        what = "images" if extensions == IMAGE_EXTENSIONS else "videos"
+        raise InputError(f"no {what} ({', '.join(extensions)}) found in '{src}'")
     if labelled == {False}:
         return [VideoInput(i, path, None, captions) for i, (path, _, captions) in enumerate(rows)], []
     names = sorted({str(label) for _, label, _ in rows})
@@ -153,8 +157,11 @@ def _numbered(rows: list[Row], src: str, integer_labels: bool) -> tuple[list[Vid
     return inputs, classes
 
 
-def list_inputs(src: str) -> tuple[list[VideoInput], list[str]]:
-    """The videos of ``src`` sorted by path, and the class names by label ([] = unconditional).
+def list_inputs(
+    src: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+) -> tuple[list[VideoInput], list[str]]:
+    """The videos of ``src`` sorted by path, and the class names by label ([] = unconditional); with
+    ``extensions`` = ``IMAGE_EXTENSIONS``, the images of a directory (the sharding job's image mode).
 
     ``src``: a directory or S3 prefix (class = sorted first-level folder; no folders = unconditional), or a
     ``.csv`` / ``.jsonl`` manifest of ``path[,label]`` (relative paths resolve against its folder; labels
@@ -167,7 +174,7 @@ def list_inputs(src: str) -> tuple[list[VideoInput], list[str]]:
             (p if storage.is_s3(p) or os.path.isabs(p) else storage.join(base, p), label, captions)
             for p, label, captions in _manifest_rows(src)
         ]
-        return _numbered(rows, src, integer_labels=True)
+        return _numbered(rows, src, integer_labels=True, extensions=extensions)
     if not storage.is_s3(src) and not Path(src).is_dir():
         raise InputError(f"input '{src}' is not a directory or a .csv/.jsonl manifest")
     try:
@@ -178,9 +185,9 @@ def list_inputs(src: str) -> tuple[list[VideoInput], list[str]]:
     rows = []
     for path in files:
         relative = path[len(root) :] if storage.is_s3(src) else Path(path).relative_to(src).as_posix()
-        if path.lower().endswith(VIDEO_EXTENSIONS) and not posixpath.basename(path).startswith("."):
+        if path.lower().endswith(extensions) and not posixpath.basename(path).startswith("."):
             rows.append((path, relative.split("/", 1)[0] if "/" in relative else None, None))
-    return _numbered(rows, src, integer_labels=False)
+    return _numbered(rows, src, integer_labels=False, extensions=extensions)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,6 +203,7 @@ class ClipSpec:
     frame_interval: int = 3
     clips_per_video: int = 1
     image_size: int = 256
+    images: bool = False  # the inputs are still images: one one-frame clip each (``read_image``)
 
 
 @dataclass
@@ -345,6 +353,22 @@ def read_clips(source: str, spec: ClipSpec, threads: int = 1) -> VideoClips:
     return VideoClips(pixels, windows, interval, fps, (width, height), total)
 
 
+def read_image(source: str, spec: ClipSpec) -> VideoClips:
+    """One still image (a local path or an ``s3://`` url; PIL reads it) as a one-frame clip: pixels
+    (1, 1, 3, S, S), resized and centre-cropped as video frames are. ``VideoError`` for an unreadable one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = storage.read_bytes(source) if storage.is_s3(source) else Path(source).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    except (UnidentifiedImageError, storage.StorageError, OSError, ValueError) as exc:
+        raise VideoError(f"{type(exc).__name__}: {first_line(exc)}") from None
+    height, width = rgb.shape[:2]
+    pixels = resize_center_crop(torch.from_numpy(rgb.copy())[None], spec.image_size)  # (1, 3, S, S)
+    return VideoClips(pixels[None], [[0]], 1, 0.0, (width, height), 1)  # (1 clip, 1 frame, 3, S, S)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # decoding in DataLoader workers, overlapped with whatever the main process does
 # ---------------------------------------------------------------------------------------------------------
@@ -365,7 +389,10 @@ class ClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         video, clips, error = self.videos[i], None, None
         try:
-            clips = read_clips(video.path, self.spec, self.decode_threads)
+            if self.spec.images:
+                clips = read_image(video.path, self.spec)
+            else:
+                clips = read_clips(video.path, self.spec, self.decode_threads)
         except VideoError as exc:
             error = str(exc)
         except Exception as exc:  # a decoder surprise in one video must never stop the job

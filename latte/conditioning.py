@@ -45,9 +45,12 @@ class Conditioning(Protocol):
     batch_keys: tuple[str, ...]  # what it reads from a training batch (the data side must carry these)
     dropout_prob: float  # condition dropout in training (0 = none)
 
-    def training_kwargs(self, batch: dict, device: torch.device, drop: Tensor | None) -> dict[str, Tensor]:
+    def training_kwargs(
+        self, batch: dict, device: torch.device, drop: Tensor | None, image_drop: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """The model's kwargs for a training batch; ``drop`` (B,) int64, 1 = replace by the null condition
-        (drawn per global sample by ``latte.seeding``), None = no dropout."""
+        (drawn per global sample by ``latte.seeding``), None = no dropout. Video-image joint training: the
+        images' conditions from the batch's ``"y_image"`` (B, K), ``image_drop`` (B,) their dropout."""
         ...
 
     def check_request(self, sample: SampleConfig) -> None:
@@ -67,7 +70,9 @@ class Unconditional:
     batch_keys: tuple[str, ...] = ()
     dropout_prob = 0.0
 
-    def training_kwargs(self, batch: dict, device: torch.device, drop: Tensor | None) -> dict[str, Tensor]:
+    def training_kwargs(
+        self, batch: dict, device: torch.device, drop: Tensor | None, image_drop: Tensor | None = None
+    ) -> dict[str, Tensor]:
         return {}
 
     def check_request(self, sample: SampleConfig) -> None:
@@ -97,10 +102,16 @@ class ClassLabels:
     def has_null(self) -> bool:
         return self.dropout_prob > 0
 
-    def training_kwargs(self, batch: dict, device: torch.device, drop: Tensor | None) -> dict[str, Tensor]:
+    def training_kwargs(
+        self, batch: dict, device: torch.device, drop: Tensor | None, image_drop: Tensor | None = None
+    ) -> dict[str, Tensor]:
         kwargs = {"y": to_device(batch["y"], device)}  # (B,) int64
         if drop is not None:
             kwargs["force_drop_ids"] = drop  # the model swaps in the "no class" row (its table's last row)
+        if "y_image" in batch:  # joint training: the K images' own labels (B, K), from the same table
+            kwargs["y_image"] = to_device(batch["y_image"], device)
+            if image_drop is not None:
+                kwargs["force_drop_image_ids"] = image_drop  # (B,): a sample's K image labels together
         return kwargs
 
     def check_request(self, sample: SampleConfig) -> None:
@@ -154,7 +165,9 @@ class TextCaptions:
             raise RequestError("the null caption (the empty prompt's embedding) is unknown")
         return pad_captions([self.null_caption], length, device)
 
-    def training_kwargs(self, batch: dict, device: torch.device, drop: Tensor | None) -> dict[str, Tensor]:
+    def training_kwargs(
+        self, batch: dict, device: torch.device, drop: Tensor | None, image_drop: Tensor | None = None
+    ) -> dict[str, Tensor]:
         states = to_device(batch["encoder_hidden_states"], device, torch.float32)  # (B, L, D)
         mask = to_device(batch["encoder_attention_mask"], device)  # (B, L) bool
         if drop is not None:  # caption dropout: the dropped samples get the empty prompt
@@ -162,6 +175,32 @@ class TextCaptions:
             dropped = drop.to(device) == 1  # (B,)
             states = torch.where(dropped[:, None, None], null_states, states)
             mask = torch.where(dropped[:, None], null_mask, mask)
+        if "image_encoder_hidden_states" in batch:  # joint training: each of the K images its own caption
+            return self._with_images(batch, device, states, mask, image_drop)
+        return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+    def _with_images(
+        self, batch: dict, device: torch.device, states: Tensor, mask: Tensor, drop: Tensor | None
+    ) -> dict[str, Tensor]:
+        """The clip's caption then its K images' own, (B, 1+K, L, D) and (B, 1+K, L), padded to one length
+        L (the longer of the two datasets' caption lengths); ``drop`` (B,): a sample's image captions
+        replaced by the empty prompt together."""
+        images = to_device(batch["image_encoder_hidden_states"], device, torch.float32)  # (B, K, Li, D)
+        image_mask = to_device(batch["image_encoder_attention_mask"], device)  # (B, K, Li)
+        length = max(states.shape[1], images.shape[2])
+        if drop is not None:
+            null_states, null_mask = self._null(images.shape[2], device)  # (1, Li, D), (1, Li)
+            dropped = drop.to(device) == 1  # (B,)
+            images = torch.where(dropped[:, None, None, None], null_states[:, None], images)
+            image_mask = torch.where(dropped[:, None, None], null_mask[:, None], image_mask)
+
+        def padded(x: Tensor, dim: int) -> Tensor:  # zeros (False) after the last token, to ``length``
+            pad = list(x.shape)
+            pad[dim] = length - x.shape[dim]
+            return torch.cat([x, x.new_zeros(pad)], dim=dim)
+
+        states = torch.cat([padded(states, 1)[:, None], padded(images, 2)], dim=1)  # (B, 1+K, L, D)
+        mask = torch.cat([padded(mask, 1)[:, None], padded(image_mask, 2)], dim=1)  # (B, 1+K, L)
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
     def check_request(self, sample: SampleConfig) -> None:

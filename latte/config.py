@@ -76,6 +76,12 @@ class DataConfig:
     num_workers: int = 8  # loader worker processes per rank
     shuffle_buffer: int = 256  # samples per loader worker's shuffle window (a worker holds up to two windows)
     scaling_factor: float | None = None  # VAE scaling factor data.index must have; None = take the index's
+    # Video-image joint training (Latte-img): K single-frame image latents after each clip's F frames (0 =
+    # off); they go through the spatial blocks and the loss, not the temporal blocks. From data.image_index
+    # (an image dataset: same shard format, latent_shape (1, C, h, w), the clip dataset's classes), or
+    # synthetic images when data.index is "" (README "Video-image joint training": the image epoch).
+    use_image_num: int = 0
+    image_index: str = ""  # the image dataset's index.json; needed when use_image_num > 0 and data.index set
 
     @property
     def latent_size(self) -> int:
@@ -451,6 +457,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.num_classes must be >= 0 (0 = unconditional), got {cfg.model.num_classes}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    _validate_images(cfg)
     if cfg.data.image_size % cfg.data.vae_downsample:
         raise ConfigError(
             f"data.image_size {cfg.data.image_size} is not divisible by the VAE factor "
@@ -507,6 +514,26 @@ def validate(cfg: Config) -> None:
     for key in ("timestep_respacing", "sampling_steps"):
         _check_respacing(f"diffusion.{key}", getattr(cfg.diffusion, key), cfg.diffusion.diffusion_steps)
     _validate_sample(cfg)
+
+
+def _validate_images(cfg: Config) -> None:
+    """Video-image joint training (data.use_image_num, data.image_index)."""
+    d = cfg.data
+    if d.use_image_num < 0:
+        raise ConfigError(f"data.use_image_num must be >= 0 (0 = no images), got {d.use_image_num}")
+    if not d.use_image_num:
+        if d.image_index:
+            raise ConfigError("data.image_index is set but data.use_image_num is 0 (no images per clip)")
+        return
+    if d.index and not d.image_index:
+        raise ConfigError(
+            f"data.use_image_num {d.use_image_num} with data.index set needs data.image_index (an image "
+            "dataset sharded with `python -m data_pipeline.shard_latents --images`)"
+        )
+    if d.image_index and not d.index:
+        raise ConfigError(
+            "data.image_index is set but data.index is empty (synthetic clips take synthetic images)"
+        )
 
 
 def _validate_sample(cfg: Config) -> None:

@@ -38,20 +38,28 @@ class FlopsBreakdown:
 
 
 def flops_per_sample(
-    arch: LatteArch, num_frames: int, latent_size: int, in_channels: int = 4, learn_sigma: bool = True
+    arch: LatteArch,
+    num_frames: int,
+    latent_size: int,
+    in_channels: int = 4,
+    learn_sigma: bool = True,
+    images: int = 0,
 ) -> FlopsBreakdown:
-    """FLOPs of one clip through Latte (forward), counted from the shapes of every matmul."""
+    """FLOPs of one clip through Latte (forward), counted from the shapes of every matmul. ``images``: the
+    K single-frame images of video-image joint training, which pass the patch embedding, the spatial blocks
+    and the final layer (not the temporal blocks)."""
     d, p, f = arch.hidden_size, arch.patch_size, num_frames
+    s = f + images  # frames through the spatial blocks
     t = (latent_size // p) ** 2  # tokens per frame
-    n = f * t  # tokens per clip
+    n, n_s = f * t, s * t  # tokens of the video frames, of every frame
     c_out = in_channels * (2 if learn_sigma else 1)
     mlp = int(d * arch.mlp_ratio)
     pairs = arch.depth // 2  # spatial + temporal blocks
     per_token_block = 2 * (3 * d * d + d * d + 2 * d * mlp)  # qkv, proj, fc1 + fc2
-    patch_in, patch_out = 2 * n * (in_channels * p * p) * d, 2 * n * d * (p * p * c_out)
-    linear = arch.depth * n * per_token_block + patch_in + patch_out
-    attention = pairs * (4 * f * t * t * d + 4 * t * f * f * d)  # QK^T + AV: over T (spatial), F (temporal)
-    adaln = pairs * (f + t) * 2 * d * 6 * d + f * 2 * d * 2 * d  # blocks' 6D and the final layer's 2D rows
+    patch_in, patch_out = 2 * n_s * (in_channels * p * p) * d, 2 * n_s * d * (p * p * c_out)
+    linear = pairs * (n_s + n) * per_token_block + patch_in + patch_out
+    attention = pairs * (4 * s * t * t * d + 4 * t * f * f * d)  # QK^T + AV: over T (spatial), F (temporal)
+    adaln = pairs * (s + t) * 2 * d * 6 * d + s * 2 * d * 2 * d  # blocks' 6D and the final layer's 2D rows
     embed = 2 * (256 * d + d * d)
     return FlopsBreakdown(float(linear), float(attention), float(adaln), float(embed))
 
@@ -129,10 +137,13 @@ class MetricsLogger:
             if isinstance(arch, LatteT2VArch):  # captions padded to ``caption_tokens`` (the loader's length)
                 out = m.in_channels * (2 if m.learn_sigma else 1)
                 args = (arch, d.num_frames, d.latent_size, caption_tokens, m.in_channels, out)
-                self.flops = t2v_flops_per_sample(*args)
+                self.flops = t2v_flops_per_sample(*args, images=d.use_image_num)
             else:
-                self.flops = flops_per_sample(arch, d.num_frames, d.latent_size, m.in_channels, m.learn_sigma)
-            self.tokens_per_sample = d.num_frames * (d.latent_size // arch.patch_size) ** 2
+                args = (arch, d.num_frames, d.latent_size, m.in_channels, m.learn_sigma, d.use_image_num)
+                self.flops = flops_per_sample(*args)
+            self.tokens_per_sample = (d.num_frames + d.use_image_num) * (
+                d.latent_size // arch.patch_size
+            ) ** 2
             self.peak, self.device_name = peak_flops(self.device, t.precision, tf32=t.tf32)
         self.start(0)
 
@@ -231,23 +242,26 @@ def t2v_flops_per_sample(
     in_channels: int = 4,
     out_channels: int = 8,
     temporal: bool = True,
+    images: int = 0,
 ) -> FlopsBreakdown:
     """FLOPs of one clip and its caption of ``caption_len`` tokens through LatteT2V (forward), counted from
     the shapes of every matmul. Cross-attention: q and the output projection over the video tokens, k/v once
     per sample over the caption (as the model computes them), scores of every video token against the caption.
     ``temporal=False``: image mode (spatial blocks only). adaln: adaLN-single's one 6D map per sample; embed:
-    the timestep MLP and the caption projection."""
+    the timestep MLP and the caption projection. ``images``: the K captioned images of video-image joint
+    training (spatial blocks against their own captions, no temporal blocks)."""
     d, p, f, length = arch.hidden_size, arch.patch_size, num_frames, caption_len
+    s, captions = f + images, 1 + images  # frames through the spatial blocks; captions per sample
     t = (latent_size // p) ** 2  # tokens per frame
-    n = f * t  # tokens per clip
+    n, n_s = f * t, s * t  # tokens of the video frames, of every frame
     mlp = 4 * d
     spatial_token = 2 * (4 * d * d + 2 * d * d + 2 * d * mlp)  # self q/k/v/out, cross q/out, fc1 + fc2
     temporal_token = 2 * (4 * d * d + 2 * d * mlp) if temporal else 0
-    cross_kv = 2 * length * 2 * d * d  # per sample and spatial block
-    patch_in, patch_out = 2 * n * (in_channels * p * p) * d, 2 * n * d * (p * p * out_channels)
-    linear = arch.num_layers * (n * (spatial_token + temporal_token) + cross_kv) + patch_in + patch_out
-    attention = 4 * f * t * t * d + 4 * n * length * d + (4 * t * f * f * d if temporal else 0)
+    cross_kv = 2 * length * 2 * d * d * captions  # per sample and spatial block
+    patch_in, patch_out = 2 * n_s * (in_channels * p * p) * d, 2 * n_s * d * (p * p * out_channels)
+    linear = arch.num_layers * (n_s * spatial_token + n * temporal_token + cross_kv) + patch_in + patch_out
+    attention = 4 * s * t * t * d + 4 * n_s * length * d + (4 * t * f * f * d if temporal else 0)
     attention *= arch.num_layers  # QK^T + AV: self over T, cross over the caption, temporal over F
     adaln = 2 * d * 6 * d
-    embed = 2 * (256 * d + d * d) + 2 * length * (arch.caption_channels * d + d * d)
+    embed = 2 * (256 * d + d * d) + 2 * length * captions * (arch.caption_channels * d + d * d)
     return FlopsBreakdown(float(linear), float(attention), float(adaln), float(embed))

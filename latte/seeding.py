@@ -55,10 +55,16 @@ class SampleDraws:
     t: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor | None  # int64, 1 = replace the label by the null class; None without dropout
+    image_drop: torch.Tensor | None = None  # (B,) int64, the same for the sample's K images; None: no images
 
 
 class TrainingDraws:
-    """Draws per global sample on ``device`` (generators are reused: re-seeding one costs no allocation)."""
+    """Draws per global sample on ``device`` (generators are reused: re-seeding one costs no allocation).
+
+    ``shape`` is what one sample's noise covers: (F + K, C, h, w) in video-image joint training. With
+    ``images`` (joint training with K > 0 images per clip) and dropout, each sample also draws one dropout
+    flag for its K images (as the original drops a sample's image labels together), after the clip's: a run
+    without images draws exactly what it drew before."""
 
     def __init__(
         self,
@@ -67,15 +73,16 @@ class TrainingDraws:
         shape: tuple[int, ...],
         device: torch.device,
         drop_prob: float = 0.0,
+        images: bool = False,
     ) -> None:
         self.seed, self.num_timesteps, self.shape = seed, num_timesteps, tuple(shape)
-        self.device, self.drop_prob = device, drop_prob
+        self.device, self.drop_prob, self.images = device, drop_prob, images
         self._generators: list[torch.Generator] = []
 
     def __call__(self, step: int, indices: range) -> SampleDraws:
         while len(self._generators) < len(indices):
             self._generators.append(torch.Generator(device=self.device))
-        ts, noises, drops = [], [], []
+        ts, noises, drops, image_drops = [], [], [], []
         for g, index in zip(self._generators, indices, strict=False):
             g.manual_seed(sample_seed(self.seed, step, index))
             # order matters (it fixes the streams): timestep, noise, then the dropout draw
@@ -83,5 +90,8 @@ class TrainingDraws:
             noises.append(torch.randn(self.shape, generator=g, device=self.device))
             if self.drop_prob > 0:
                 drops.append(torch.rand((1,), generator=g, device=self.device))
+                if self.images:
+                    image_drops.append(torch.rand((1,), generator=g, device=self.device))
         drop = (torch.cat(drops) < self.drop_prob).long() if drops else None  # (B,)
-        return SampleDraws(torch.cat(ts), torch.stack(noises), drop)  # (B,), (B, *shape)
+        image_drop = (torch.cat(image_drops) < self.drop_prob).long() if image_drops else None  # (B,)
+        return SampleDraws(torch.cat(ts), torch.stack(noises), drop, image_drop)  # (B,), (B, *shape)

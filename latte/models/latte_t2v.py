@@ -356,6 +356,7 @@ class LatteT2V(nn.Module):
         encoder_hidden_states: Tensor,
         encoder_attention_mask: Tensor | None = None,
         enable_temporal_attentions: bool = True,
+        use_image_num: int = 0,
     ) -> Tensor:
         """Predict noise (and variance values) for noisy latents given a caption.
 
@@ -364,7 +365,14 @@ class LatteT2V(nn.Module):
         encoder_attention_mask: (N, L) bool or 0/1, True = real token (cross-attention keys only);
         enable_temporal_attentions: False runs the spatial blocks only (image mode: every frame an image, no
         temporal table). Returns (N, F, C_out, H, W).
+
+        Video-image joint training (``use_image_num`` K > 0, as the original latte_t2v.py): x holds F video
+        frames then K images, (N, F+K, C, H, W); encoder_hidden_states (N, 1+K, L, caption_channels) and
+        encoder_attention_mask (N, 1+K, L): the clip's caption, then each image's own. The images go through
+        the spatial blocks (attending to their own caption) and the output layer, not the temporal blocks.
         """
+        if use_image_num:
+            return self._forward_joint(x, t, encoder_hidden_states, encoder_attention_mask, use_image_num)
         temporal_on = enable_temporal_attentions
         mask = self._check_inputs(x, encoder_hidden_states, encoder_attention_mask, temporal_on)
         n, f, _, h, w = x.shape
@@ -392,3 +400,55 @@ class LatteT2V(nn.Module):
         shift, scale = (self.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)  # each (N, 1, D)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]  # per sample, (N, 1, 1, D) broadcast
         return self.unpatchify(self.proj_out(x), gh, gw)  # (N, F, T, p*p*C_out) -> (N, F, C_out, H, W)
+
+    def _forward_joint(self, x: Tensor, t: Tensor, states: Tensor, mask: Tensor | None, k: int) -> Tensor:
+        """``forward`` with K images after the clip's frames (see there). The spatial blocks run on the video
+        (N, F, T, D) with the clip's caption and on the images as N*K one-frame samples (N*K, 1, T, D) with
+        their own captions: the same function as the original's per-frame batch (every frame's attention is
+        its own sequence), computed in two calls."""
+        n, frames, _, h, w = x.shape
+        f = frames - k
+        if not 0 < k < frames:
+            raise ValueError(
+                f"use_image_num {k} must be in [1, {frames}): x has {frames} frames, images last"
+            )
+        if states.dim() != 4 or tuple(states.shape[:2]) != (n, 1 + k):
+            raise ValueError(
+                f"with use_image_num {k}, encoder_hidden_states must be (N, 1+K, L, D) with (N, 1+K) = "
+                f"{(n, 1 + k)}, "
+                f"got {tuple(states.shape)}"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(states.shape[:3]):
+            raise ValueError(f"encoder_attention_mask must be (N, 1+K, L) = {tuple(states.shape[:3])}")
+        mask = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
+        self._check_inputs(x[:, :f], states[:, 0], None if mask is None else mask[:, 0], True)
+        gh, gw = h // self.patch_size, w // self.patch_size
+        t = t.expand(n) if t.dim() == 0 else t
+        tokens = self.pos_embed(rearrange(x, "n f c h w -> (n f) c h w"))  # (N*(F+K), T, D)
+        tokens = rearrange(tokens, "(n f) t d -> n f t d", n=n)  # (N, F+K, T, D)
+        video, images = tokens[:, :f], rearrange(tokens[:, f:], "n k t d -> (n k) 1 t d")  # (N*K, 1, T, D)
+
+        mod, embedded_t = self.adaln_single(t)  # (N, 6D), (N, D)
+        mod = rearrange(mod, "n (six d) -> n six d", six=6)  # (N, 6, D)
+        mod_images = mod.repeat_interleave(k, dim=0)  # (N*K, 6, D): each image its sample's timestep
+        context = self.caption_projection(states)  # (N, 1+K, L, D)
+        video_context = context[:, 0]  # (N, L, D)
+        image_context = rearrange(context[:, 1:], "n k l d -> (n k) l d")  # (N*K, L, D)
+        video_mask = image_mask = None
+        if mask is not None:
+            video_mask, image_mask = mask[:, 0], rearrange(mask[:, 1:], "n k l -> (n k) l")
+
+        pairs = zip(self.transformer_blocks, self.temporal_transformer_blocks, strict=True)
+        for i, (spatial, temporal) in enumerate(pairs):
+            video = self._run_block(spatial, video, mod, video_context, video_mask)
+            images = self._run_block(spatial, images, mod_images, image_context, image_mask)
+            video = video.transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D)
+            if i == 0 and f > 1:
+                video = video + self.temp_pos_embed[:, None, :f].to(video.dtype)
+            video = self._run_block(temporal, video, mod)  # attends over F; the images skip it
+            video = video.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
+
+        x = torch.cat([video, rearrange(images, "(n k) 1 t d -> n k t d", n=n)], dim=1)  # (N, F+K, T, D)
+        shift, scale = (self.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)  # each (N, 1, D)
+        x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
+        return self.unpatchify(self.proj_out(x), gh, gw)  # (N, F+K, C_out, H, W)
