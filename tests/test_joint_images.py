@@ -34,9 +34,10 @@ def datasets(tmp_path_factory) -> tuple[str, str]:
     return str(root / "clips" / "index.json"), str(root / "images" / "index.json")
 
 
-def joint_cfg(datasets, *extra: str, base: Path = TINY):
+def joint_sets(datasets) -> list[str]:
+    """The overrides of joint training on ``datasets`` (clip index, image index) with K images per clip."""
     clips, images = datasets
-    sets = [
+    return [
         f"data.index={clips}",
         f"data.image_index={images}",
         f"data.use_image_num={K}",
@@ -44,7 +45,10 @@ def joint_cfg(datasets, *extra: str, base: Path = TINY):
         "data.num_workers=0",
         "data.shuffle_buffer=8",
     ]
-    return load_config(base, sets + list(extra))
+
+
+def joint_cfg(datasets, *extra: str, base: Path = TINY):
+    return load_config(base, joint_sets(datasets) + list(extra))
 
 
 def take(source, n: int) -> list[dict]:
@@ -304,16 +308,7 @@ def test_two_rank_zero2_resume_with_images_is_bitwise(tmp_path, datasets, captio
         if kind == "class"
         else ["model.name=LatteT2V-T/2", "model.num_classes=0", "model.caption_dropout_prob=0.3"]
     )
-    common = model + [
-        f"data.index={clips}",
-        f"data.image_index={images}",
-        f"data.use_image_num={K}",
-        f"train.micro_batch_size={MICRO}",
-        "data.num_workers=0",
-        "data.shuffle_buffer=8",
-        "train.zero_stage=2",
-        "train.ckpt_every=4",
-    ]
+    common = model + joint_sets((clips, images)) + ["train.zero_stage=2", "train.ckpt_every=4"]
     unbroken = _run(tmp_path, "unbroken", 2, common + ["train.max_steps=10"])
     _run(tmp_path, "resumed", 2, common + ["train.max_steps=4"])  # image epoch: 46 // 8 = 5 steps
     resumed = _run(tmp_path, "resumed", 2, common + ["train.max_steps=10"])
