@@ -209,8 +209,9 @@ def _kill_9(proc: subprocess.Popen, ck: Path, after: int, during_save: bool) -> 
             ),
             proc,
         )
-    else:
-        time.sleep(random.uniform(0.0, 1.5))
+    else:  # a random moment up to 1.5 s later, but before the next save starts, however fast this machine is
+        deadline = time.monotonic() + random.uniform(0.0, 1.5)
+        _wait_for(lambda: time.monotonic() >= deadline or (ck / tag_for(after + EVERY)).exists(), proc)
     os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate()
     complete = sorted(p.name for p in ck.glob("step_*") if (p / "COMPLETE").exists())
