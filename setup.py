@@ -31,6 +31,8 @@ setup(
         # the text encoder (T5) of the text-to-video model: captions in the shards, prompts in sampling
         "transformers>=4.44",
         "sentencepiece>=0.2",
+        # LoRA fine-tuning (model.lora): adapters injected into the model, peft's adapter format on export
+        "peft>=0.13",
     ],
     extras_require={
         # flash-attn 2 (>= 2.6: deterministic backward, torch.compile-traceable ops); FlashAttention-3 for

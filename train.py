@@ -96,6 +96,7 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
     from latte.checkpoint import TrainState
     from latte.conditioning import conditioning_of, to_device
     from latte.engine import set_grad_clip
+    from latte.lora import has_dropout, set_dropout_seeds
     from latte.metrics import MetricsLogger
     from latte.precision import DTYPES
     from latte.seeding import TrainingDraws, batch_indices
@@ -122,7 +123,7 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
     metrics = MetricsLogger(run_dir, world.is_main, cfg, world.world_size, world.device, caption_tokens)
     state = TrainState(engine, ema, data)
     if world.is_main:
-        print(_run_line(cfg, run_dir, training.n_params, metrics), flush=True)
+        print(_run_line(cfg, run_dir, training, metrics), flush=True)
         print(attention, flush=True)
         if validator is not None:
             print(validator.describe(), flush=True)
@@ -150,6 +151,7 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
     draws = TrainingDraws(
         t_cfg.seed, diffusion.num_timesteps, latent_shape, world.device, conditioning.dropout_prob, images > 0
     )
+    adapter_dropout = has_dropout(engine.module)
     interval_loss = torch.zeros((), device=world.device)  # the sum of this rank's losses since the last log
     history: list[float] = []
 
@@ -182,6 +184,8 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
             with metrics.waiting_for_data():
                 batch = next(batches)
             drawn = draws(step, batch_indices(a, world.rank, ws, micro))
+            if adapter_dropout:  # LoRA dropout masks from the samples' seeds (forward and recomputation)
+                set_dropout_seeds(engine.module, drawn.seeds)
             x = to_device(batch["latent"], world.device, torch.float32)  # (B, F+K, C, h, w)
             kwargs = conditioning.training_kwargs(batch, world.device, drawn.drop, drawn.image_drop)
             if images:
@@ -218,11 +222,18 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
     return history, engine, ema
 
 
-def _run_line(cfg: Config, run_dir: Path | None, n_params: int, metrics) -> str:
+def _run_line(cfg: Config, run_dir: Path | None, training, metrics) -> str:
     t, ws = cfg.train, metrics.world_size
     peak = f"{metrics.peak:.3g} FLOP/s" if metrics.peak else "n/a"
+    params = f"{training.n_params / 1e6:.2f}M params"
+    lora = cfg.model.lora
+    if lora.rank:
+        params = (
+            f"LoRA rank {lora.rank}: {training.n_params / 1e6:.3f}M trainable params of "
+            f"{training.n_total / 1e6:.2f}M (base {cfg.model.init_from})"
+        )
     return (
-        f"run dir {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | {ws} x {metrics.device_name} | "
+        f"run dir {run_dir} | {cfg.model.name} {params} | {ws} x {metrics.device_name} | "
         f"{t.precision} | ZeRO {t.zero_stage} | global batch {metrics.global_batch} = {t.micro_batch_size} "
         f"micro x {t.gradient_accumulation_steps} accumulation x {ws} ranks | peak {peak}"
     )

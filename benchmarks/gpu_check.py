@@ -25,7 +25,9 @@ time budget reports ``skipped: time budget``. Parts:
 6. sampling: DDIM 10 steps with classifier-free guidance in bf16: finite outputs, ms per step;
 7. (between 3 and 4) the bare step of the text-to-video model (``--t2v-model``, Latte-1's LatteT2V-XL/2) with
    captions padded to 120 tokens, per backend: its cross-attention runs the kernels part 2 checks on the
-   (B*F, T, H, D) x (B*F, 120, H, D) shape with caption masks.
+   (B*F, T, H, D) x (B*F, 120, H, D) shape with caption masks;
+8. (after 4) LoRA vs full fine-tuning from the same base: train.py's ZeRO-2 step, trainable parameters,
+   the optimizer's bytes on the rank, peak memory (``benchmarks/lora_vs_full.py`` is the CPU table's script).
 
 Never write a figure into a README that this script did not print on the machine named in its first table.
 """
@@ -117,7 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=450.0, help="no part starts after this many seconds")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device: test the script")
     p.add_argument(
-        "--parts", nargs="+", default=["env", "attention", "step", "t2v", "deepspeed", "fp16", "sample"]
+        "--parts",
+        nargs="+",
+        default=["env", "attention", "step", "t2v", "deepspeed", "lora", "fp16", "sample"],
     )
     args = p.parse_args(argv)
     if args.smoke:
@@ -589,6 +593,35 @@ def deepspeed_steps(args: argparse.Namespace, part: Part) -> None:
             torch.cuda.empty_cache()
 
 
+def lora_steps(args: argparse.Namespace, part: Part) -> None:
+    """train.py's ZeRO-2 step, full fine-tuning vs LoRA (rank 16 on the default targets) from one base."""
+    from benchmarks.lora_vs_full import optimizer_bytes
+
+    _need_deepspeed()
+    world = _world()
+    dev = world.device
+    precision = "bf16" if dev.type == "cuda" else "fp32"
+    part.notes.append(f"ZeRO-2, one rank, {precision}; optimizer = fp32 masters + Adam moments on the rank")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base.pt"
+        full_cfg = _config(args, f"train.precision={precision}")
+        torch.save({"ema": _randomised(build_model(full_cfg)).state_dict()}, base)
+        full_ms = None
+        for name, extra in (("full", []), ("LoRA r16", ["model.lora.rank=16"])):
+            cfg = _config(args, f"train.precision={precision}", f"model.init_from={base}", *extra)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            step, engine, ema = _engine_step_fn(cfg, world)
+            ms = _time_ms(step, args.steps)
+            full_ms = full_ms or ms
+            trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+            peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+            part.rows.append([name, trainable / 1e6, optimizer_bytes(engine) / 2**30, ms, ms / full_ms, peak])
+            del step, engine, ema
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. fp16: dynamic loss scaling across a resume
 # ----------------------------------------------------------------------------------------------------------
@@ -736,6 +769,12 @@ PARTS = {
         "DeepSpeed, one rank: train.py's step",
         ["engine", "ms", "ratio vs bare", "MFU", "EMA update ms", "EMA GiB", "host syncs"],
         deepspeed_steps,
+        60,
+    ),
+    "lora": (
+        "LoRA vs full fine-tuning: train.py's ZeRO-2 step",
+        ["variant", "trainable M", "optimizer GiB", "ms", "vs full", "peak GiB"],
+        lora_steps,
         60,
     ),
     "fp16": (

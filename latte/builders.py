@@ -7,25 +7,39 @@ import dataclasses
 import torch
 
 import latte.models.attention as attention_kernels
+from latte import lora
+from latte.base_weights import read_base
 from latte.config import Config, ConfigError, caption_channels_of, resolved_arch
 from latte.diffusion import create_diffusion
 from latte.errors import first_line
 from latte.models import Latte, LatteT2V
-from latte.models.diffusers_io import check_state_dict, read_weights
+from latte.models.diffusers_io import check_state_dict
 
 
-def build_model(cfg: Config) -> Latte | LatteT2V:
+def build_model(cfg: Config, base_weights: bool = True) -> Latte | LatteT2V:
     """The model the config describes (fp32 parameters; precision is the training engine's business): the
-    class-conditional/unconditional ``Latte``, or for a text-to-video flavor ``LatteT2V``, whose weights
-    come from ``model.init_from`` (a diffusers transformer folder) when it is set."""
+    class-conditional/unconditional ``Latte``, or for a text-to-video flavor ``LatteT2V``; its weights come
+    from ``model.init_from`` when it is set (``base_weights=False``: not read, e.g. to compare shapes), and
+    with ``model.lora`` LoRA adapters are added and everything else frozen (``latte.lora``)."""
     m = cfg.model
-    if caption_channels_of(m):
-        model = build_t2v(cfg)
-    else:
-        model = _build_latte(cfg)
+    model = build_t2v(cfg) if caption_channels_of(m) else _build_latte(cfg)
+    if m.init_from and base_weights:
+        load_base(model, m.init_from)
+    if lora.enabled(m.lora):
+        model = lora.add_adapters(model, m.lora)
     if m.compile:
         compile_blocks(model)
     return model
+
+
+def load_base(model: Latte | LatteT2V, init_from: str) -> None:
+    """``model.init_from``'s weights into ``model`` (strictly; one ConfigError line naming what differs)."""
+    weights = read_base(init_from)
+    try:
+        check_state_dict(model, weights, f"the weights of '{init_from}'")
+    except ValueError as exc:
+        raise ConfigError(f"model.init_from: {first_line(exc)}") from None
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
 
 
 def build_t2v(cfg: Config) -> LatteT2V:
@@ -43,13 +57,6 @@ def build_t2v(cfg: Config) -> LatteT2V:
         attention=m.attention,
         gradient_checkpointing=m.gradient_checkpointing,
     )
-    if m.init_from:
-        try:
-            weights = read_weights(m.init_from)
-            check_state_dict(model, weights, f"model.init_from '{m.init_from}'")
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model.init_from: {first_line(exc)}") from None
-        model.load_state_dict(weights)
     return model
 
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from latte.base_weights import base_identity
 from latte.config import Config, ConfigError, flatten, resolve_saved
 from latte.files import atomic_write
 from latte.rendezvous import control_group
@@ -244,6 +245,27 @@ def config_changes(saved: dict[str, Any], current: Config) -> list[str]:
     ]
 
 
+def adapters_only(cfg: Config) -> bool:
+    """LoRA: the checkpoint holds the adapters (weights, optimizer, EMA), not the frozen base."""
+    return cfg.model.lora.rank > 0
+
+
+def base_changed(meta: dict[str, Any], current: Config) -> str | None:
+    """Why a LoRA checkpoint cannot resume on ``current``'s base weights (their bytes differ from those it
+    recorded), or None."""
+    saved = meta.get("base")
+    if not adapters_only(current) or not saved:
+        return None
+    now = base_identity(current.model.init_from)
+    if now["sha256"] == saved["sha256"]:
+        return None
+    return (
+        f"adapts the base weights {saved['path']} (sha256 {saved['sha256'][:12]}), but model.init_from "
+        f"{now['path']} now holds other weights (sha256 {now['sha256'][:12]}): resume with the base it was "
+        "trained on"
+    )
+
+
 def check_writable(path: Path, key: str) -> None:
     """Fail before anything is built, not at the first save hours later, if ``path`` cannot be written."""
     try:
@@ -275,7 +297,7 @@ def shape_mismatch(saved: Config, current: Config) -> str | None:
     from latte.builders import build_model
 
     with torch.device("meta"):
-        old, new = build_model(saved).state_dict(), build_model(current).state_dict()
+        old, new = (build_model(c, base_weights=False).state_dict() for c in (saved, current))
     for key in sorted(old.keys() | new.keys()):
         a, b = (tuple(sd[key].shape) if key in sd else None for sd in (old, new))
         if a != b:
@@ -442,6 +464,9 @@ class CheckpointManager:
                 f"checkpoint {path.name} holds another architecture ({mismatch}): it cannot resume this "
                 f"config; start fresh (train.resume=none, or another train.ckpt_dir)"
             )
+        base_change = base_changed(meta, self.cfg)
+        if base_change:
+            raise CheckpointError(f"checkpoint {path.name} {base_change}")
         if meta["world_size"] != self.world.world_size:
             make_universal(path)  # rank 0 converts once; the others wait in the broadcast
         return path
@@ -451,8 +476,10 @@ class CheckpointManager:
         extra states from ``path``; returns the step to continue from."""
         engine, ema, data = state.engine, state.ema, state.data
         ds_tag = universal_dir(path).name if self.reshard else path.name
+        # LoRA: the module state holds the adapters; the frozen base is init_from's, as built
+        lora = {"load_module_strict": False} if adapters_only(self.cfg) else {}
         load_path, _ = engine.load_checkpoint(
-            str(path.parent), tag=ds_tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(path.parent), tag=ds_tag, load_optimizer_states=True, load_lr_scheduler_states=True, **lora
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state in {path.parent / ds_tag}")
@@ -506,8 +533,9 @@ class CheckpointManager:
                 shutil.rmtree(step_dir)
             step_dir.mkdir(parents=True)
         self._barrier()
+        lora = {"exclude_frozen_parameters": True} if adapters_only(self.cfg) else {}  # LoRA: not the base
         engine.save_checkpoint(
-            str(self.dir), tag=step_dir.name, client_state={"step": step}, save_latest=False
+            str(self.dir), tag=step_dir.name, client_state={"step": step}, save_latest=False, **lora
         )
         own = {"ema": ema.state_dict(), "rng": rng, "data": data.state_dict(), "step": step}
         own.update({name: obj.state_dict() for name, obj in state.extra.items()})
@@ -530,6 +558,8 @@ class CheckpointManager:
                 "dataset": dataset_record(self.cfg, data),  # the VAE and scaling factor of the latents
                 "config": self.cfg.to_dict(),
             }
+            if adapters_only(self.cfg):  # the frozen base the adapters belong to: path + sha256
+                meta["base"] = base_identity(self.cfg.model.init_from)
             _write_text(step_dir / META, json.dumps(meta, indent=1))
         self._barrier()  # every rank's files are written
         checksums = self._checksums(step_dir)  # each rank reads its share back (from the page cache)

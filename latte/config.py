@@ -41,6 +41,23 @@ RETIRED_KEYS: dict[str, str | None] = {}
 
 
 @dataclass
+class LoraConfig:
+    """LoRA fine-tuning (``latte.lora``, peft's adapters): a frozen base (``model.init_from``) and trainable
+    low-rank adapters on the target linear layers; the optimizer, gradients, EMA and checkpoints cover the
+    adapters alone. rank 0 = off (every parameter trains)."""
+
+    rank: int = 0
+    alpha: float | None = None  # the adapter's output is scaled by alpha / rank; None = rank (scale 1)
+    # dropout on the adapters' input (0 = none); its masks are drawn per global sample (seed, step, index),
+    # so any layout of one global batch trains identically
+    dropout: float = 0.0
+    # module-name suffixes of the adapted linear layers; [] = the model's defaults (lora.DEFAULT_TARGETS:
+    # attn.qkv/attn.proj/mlp.fc1/mlp.fc2, or the T2V model's to_q/to_k/to_v/to_out.0 and ff.net.*)
+    target_modules: list[str] = field(default_factory=list)
+    adaln: bool = False  # also adapt the adaLN modulation (adaLN_modulation.1 / adaln_single.linear)
+
+
+@dataclass
 class ModelConfig:
     # a flavor of LATTE_MODELS: "Latte-S/2" ... "Latte-XL/8", or tiny "Latte-T/2"; text-to-video (LatteT2V):
     # "LatteT2V-XL/2" (= "Latte-1"), or tiny "LatteT2V-T/2"
@@ -49,9 +66,11 @@ class ModelConfig:
     learn_sigma: bool = True  # predict the variance interpolation too (2C output channels), as released
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (class-conditional only)
     caption_dropout_prob: float = 0.1  # text-to-video: captions replaced by the empty prompt's, for guidance
-    init_from: str = (
-        ""  # text-to-video: start from a diffusers transformer folder (e.g. Latte-1's transformer/)
-    )
+    # the weights a run starts from ("" = random): a released checkpoint or our export (.pt/.safetensors, its
+    # EMA), a checkpoint dir of ours (its EMA), or for a text-to-video model a diffusers transformer folder
+    # (e.g. Latte-1's transformer/); with model.lora, the frozen base (named by path + sha256 in meta.json)
+    init_from: str = ""
+    lora: LoraConfig = field(default_factory=LoraConfig)
     in_channels: int = 4  # latent channels of the VAE
     # auto | flash3 | flash | xformers | sdpa | math (math = the original's reference path). On CUDA an
     # explicit backend that cannot run is an error naming why; auto takes the fastest that can (rank 0 says).
@@ -458,6 +477,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     _validate_images(cfg)
+    _validate_lora(cfg)
     if cfg.data.image_size % cfg.data.vae_downsample:
         raise ConfigError(
             f"data.image_size {cfg.data.image_size} is not divisible by the VAE factor "
@@ -514,6 +534,26 @@ def validate(cfg: Config) -> None:
     for key in ("timestep_respacing", "sampling_steps"):
         _check_respacing(f"diffusion.{key}", getattr(cfg.diffusion, key), cfg.diffusion.diffusion_steps)
     _validate_sample(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    """model.lora (which target names match the model's layers is checked where it is built)."""
+    lora = cfg.model.lora
+    if lora.rank < 0:
+        raise ConfigError(f"model.lora.rank must be >= 0 (0 = off), got {lora.rank}")
+    if not lora.rank:
+        return
+    if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise ConfigError(f"model.lora.alpha must be > 0 (or null = rank), got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not cfg.model.init_from:
+        raise ConfigError(
+            "model.lora.rank > 0 needs model.init_from: the base weights the adapters fine-tune "
+            "(a released checkpoint, an export, a checkpoint dir or a diffusers folder)"
+        )
+    if cfg.model.compile:
+        raise ConfigError("model.compile is not supported with model.lora (peft's layers); set it false")
 
 
 def _validate_images(cfg: Config) -> None:

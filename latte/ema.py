@@ -83,13 +83,17 @@ class ShardedEMA:
     """EMA of the trainable parameters of ``model`` (an nn.Module or a DeepSpeed engine), sharded like
     the optimizer's fp32 master weights and kept where they live (the GPU, or the host with offload)."""
 
-    def __init__(self, model, decay: float, fixed: dict[str, Tensor] | None = None) -> None:
+    def __init__(
+        self, model, decay: float, fixed: dict[str, Tensor] | None = None, include_frozen: bool = True
+    ) -> None:
         """``decay``: the config's (``train.ema_decay``; a checkpoint's saved value is not restored).
         ``fixed``: fp32 values of the fixed tables (the sin-cos positions), taken before a bf16/fp16 engine
-        cast them; the EMA reports these exactly. Every other frozen parameter (e.g. a frozen base model
-        under LoRA) is read from the model at consolidation, never copied here."""
+        cast them; the EMA reports these exactly. Every other frozen parameter is read from the model at
+        consolidation, never copied here; ``include_frozen=False`` (LoRA: the frozen base is
+        ``model.init_from``'s) leaves frozen parameters and buffers out of ``consolidate()`` altogether."""
         self.model = model
         self.decay = decay
+        self.include_frozen = include_frozen
         self.fixed = {k: v.detach().float().cpu().clone() for k, v in (fixed or {}).items()}
         self.shards: list[_Shard] = []
         for name, param in _module_of(model).named_parameters():
@@ -126,7 +130,8 @@ class ShardedEMA:
 
     @torch.no_grad()
     def consolidate(self) -> dict[str, Tensor]:
-        """The full EMA state dict (CPU fp32, the model's key names) on every rank. A collective."""
+        """The full EMA state dict (CPU fp32, the model's key names) on every rank. A collective.
+        Without ``include_frozen``: the trainable parameters' EMA alone."""
         module = _module_of(self.model)
         by_name = {s.name: s for s in self.shards}
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -134,6 +139,8 @@ class ShardedEMA:
         for name, param in module.named_parameters():
             shard = by_name.get(name)
             kind = _kind(param) if param.requires_grad else "frozen"
+            if kind == "frozen" and not self.include_frozen:
+                continue
             if kind == "zero3":
                 out[name] = _gather_zero3(param, shard.ema)
             elif kind in ("fragment", None):  # None: this rank owns no fragment of it, others do
@@ -144,8 +151,8 @@ class ShardedEMA:
                 out[name] = self.fixed[name].clone()
             else:  # frozen: the model's own value
                 out[name] = _full_param(param).float().cpu().clone()
-        for name, buf in _persistent_buffers(module):  # as in the state dict (not e.g. cached frequencies)
-            out[name] = buf.detach().float().cpu().clone()
+        for name, buf in _persistent_buffers(module) if self.include_frozen else ():  # as the state dict has
+            out[name] = buf.detach().float().cpu().clone()  # them (not e.g. cached frequencies)
         return out
 
     @torch.no_grad()

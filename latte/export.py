@@ -12,6 +12,15 @@ namespace: keys are ``model.<key>`` / ``ema.<key>``, or the bare model keys with
 
 writes a diffusers ``LatteTransformer3DModel`` folder (config.json + safetensors) of the EMA (or the raw
 model) weights: ``LattePipeline``'s ``transformer/``, and what ``model.init_from`` starts a run from.
+
+A LoRA run's checkpoint (``model.lora``) holds adapters only. The forms above write the merged full model
+(its base, ``model.init_from``, checked against the sha256 the checkpoint recorded, plus the adapters) in
+the released key names; and
+
+    python -m latte.export CKPT_DIR OUT_DIR --adapter [--weights model]
+
+writes the adapter alone in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``), which
+``latte.sample BASE --lora OUT_DIR`` and ``peft.PeftModel.from_pretrained`` apply to the base.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from pathlib import Path
 import torch
 
 from latte import checkpoint as ckpt
+from latte.config import ConfigError
 from latte.files import atomic_write
 
 
@@ -35,10 +45,13 @@ def export(
     source, out = Path(source), Path(out)
     if out.suffix not in (".pt", ".safetensors"):
         raise ckpt.CheckpointError(f"output '{out}' must end in .pt or .safetensors")
-    step_dir = ckpt.choose(str(source / ckpt.tag_for(step) if step is not None else source), source)
-    weights = {"ema": torch.load(step_dir / ckpt.EMA_FULL, map_location="cpu", weights_only=True)}
+    step_dir = _step_dir(source, step)
+    lora_model = _lora_model(step_dir)  # first: a LoRA checkpoint's base is checked before any reading
+    weights = {"ema": _weights(step_dir, "ema")}
     if not ema_only:
-        weights["model"] = {k: v.float().contiguous() for k, v in ckpt.consolidated_model(step_dir).items()}
+        weights["model"] = _weights(step_dir, "model")
+    if lora_model is not None:  # adapters only: merged into their base
+        weights = {part: _merged(lora_model, sd, step_dir) for part, sd in weights.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".pt":
         atomic_write(out, lambda tmp: torch.save(weights, tmp))
@@ -57,28 +70,88 @@ def export(
     return step_dir
 
 
-def export_diffusers(
-    source: str | os.PathLike, out: str | os.PathLike, step: int | None = None, weights: str = "ema"
-) -> Path:
-    """Write a text-to-video checkpoint's EMA (``weights="model"``: the raw weights) as a diffusers folder."""
-    from latte.builders import build_model
-    from latte.config import caption_channels_of, resolve_saved
-    from latte.models import to_diffusers
-
+def _step_dir(source: str | os.PathLike, step: int | None) -> Path:
     source = Path(source)
-    step_dir = ckpt.choose(str(source / ckpt.tag_for(step) if step is not None else source), source)
-    cfg = resolve_saved(json.loads((step_dir / ckpt.META).read_text())["config"])
-    if not caption_channels_of(cfg.model):
-        raise ckpt.CheckpointError(
-            f"--diffusers writes text-to-video models; {step_dir} holds {cfg.model.name} (export it as .pt)"
-        )
-    cfg.model.init_from = ""  # the checkpoint's weights, not those the run started from
-    model = build_model(cfg)
+    return ckpt.choose(str(source / ckpt.tag_for(step) if step is not None else source), source)
+
+
+def _weights(step_dir: Path, weights: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's EMA (``ema_consolidated.pt``) or raw weights (from the ZeRO shards), fp32."""
     if weights == "ema":
         state = torch.load(step_dir / ckpt.EMA_FULL, map_location="cpu", weights_only=True)
     else:
         state = ckpt.consolidated_model(step_dir)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def _saved_config(step_dir: Path):
+    from latte.config import resolve_saved
+
+    return resolve_saved(json.loads((step_dir / ckpt.META).read_text())["config"])
+
+
+def _lora_model(step_dir: Path):
+    """For a LoRA run's checkpoint: its model (the base from ``model.init_from``, checked against the
+    checkpoint's record of it, with empty adapters); None for any other checkpoint."""
+    from latte.builders import build_model
+
+    cfg = _saved_config(step_dir)
+    if not ckpt.adapters_only(cfg):
+        return None
+    changed = ckpt.base_changed(json.loads((step_dir / ckpt.META).read_text()), cfg)
+    if changed:
+        raise ckpt.CheckpointError(f"{step_dir} {changed}")
+    return build_model(cfg)
+
+
+def _merged(model, adapters: dict[str, torch.Tensor], step_dir: Path) -> dict[str, torch.Tensor]:
+    from latte import lora
+
+    lora.load_adapter_state(model, adapters, f"the adapters of {step_dir}")
+    return lora.merged_state_dict(model)
+
+
+def export_adapter(
+    source: str | os.PathLike, out: str | os.PathLike, step: int | None = None, weights: str = "ema"
+) -> Path:
+    """Write a LoRA checkpoint's EMA adapter (``weights="model"``: the raw one) in peft's format."""
+    from latte import lora
+
+    step_dir = _step_dir(source, step)
+    model = _lora_model(step_dir)
+    if model is None:
+        raise ckpt.CheckpointError(
+            f"--adapter writes LoRA adapters; {step_dir} is not a LoRA run's checkpoint"
+        )
+    lora.load_adapter_state(model, _weights(step_dir, weights), f"the adapters of {step_dir}")
+    meta = json.loads((step_dir / ckpt.META).read_text())
+    lora.save_adapter(model, out, meta.get("base"), meta["config"]["model"]["name"])
+    return step_dir
+
+
+def export_diffusers(
+    source: str | os.PathLike, out: str | os.PathLike, step: int | None = None, weights: str = "ema"
+) -> Path:
+    """Write a text-to-video checkpoint's EMA (``weights="model"``: the raw weights) as a diffusers folder
+    (a LoRA run's: merged into its base)."""
+    from latte.builders import build_model
+    from latte.config import caption_channels_of
+    from latte.models import to_diffusers
+
+    step_dir = _step_dir(source, step)
+    cfg = _saved_config(step_dir)
+    if not caption_channels_of(cfg.model):
+        raise ckpt.CheckpointError(
+            f"--diffusers writes text-to-video models; {step_dir} holds {cfg.model.name} (export it as .pt)"
+        )
+    lora_model = _lora_model(step_dir)
+    state = _weights(step_dir, weights)
+    if lora_model is not None:
+        state = _merged(lora_model, state, step_dir)
+    cfg.model.init_from = ""  # the checkpoint's weights, not those the run started from
+    cfg.model.lora.rank = 0  # (merged above)
+    model = build_model(cfg)
+    model.load_state_dict(state, strict=True)
     to_diffusers(model, out)
     return step_dir
 
@@ -92,16 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--diffusers", action="store_true", help="a diffusers LatteTransformer3DModel folder (text-to-video)"
     )
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="with --diffusers")
+    parser.add_argument(
+        "--adapter", action="store_true", help="a LoRA run's adapter alone, in peft's format (a folder)"
+    )
+    parser.add_argument(
+        "--weights", choices=("ema", "model"), default="ema", help="with --diffusers/--adapter"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import
     try:
-        if args.diffusers:
+        if args.diffusers and args.adapter:
+            raise ckpt.CheckpointError("--diffusers and --adapter are two different exports: give one")
+        if args.adapter:
+            step_dir = export_adapter(args.checkpoint, args.out, args.step, args.weights)
+        elif args.diffusers:
             step_dir = export_diffusers(args.checkpoint, args.out, args.step, args.weights)
         else:
             step_dir = export(args.checkpoint, args.out, args.step, args.ema_only)
-    except ckpt.CheckpointError as exc:
+    except ConfigError as exc:  # CheckpointErrors, and a LoRA run's base that cannot be read
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {step_dir} -> {args.out}")

@@ -3,6 +3,7 @@
     python -m latte.sample CKPT_DIR_OR_STEP_DIR --vae VAE --out samples/ [--num-samples 8] [--classes 3,77]
     python -m latte.sample weights.pt --config configs/ucf101.yaml --vae VAE --cfg-scale 7
     python -m latte.sample CKPT --vae VAE --sampler ddim --steps 50 --total-frames 64 --overlap 4
+    python -m latte.sample BASE --lora ADAPTER_DIR_OR_LORA_CKPT --lora-scale 0.8 --vae VAE ...
     torchrun --nproc_per_node 8 -m latte.sample ...        (or srun: samples are split among the ranks)
 
 The config is the checkpoint's own (``meta.json``) unless ``--config`` is given; ``--set key=value`` and the
@@ -27,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latte import lora
 from latte.builders import attention_line, build_diffusion, build_model
+from latte.checkpoint import base_changed
 from latte.conditioning import TextCaptions, conditioning_of
 from latte.config import Config, ConfigError, add_set_argument, caption_channels_of, sampler_of
 from latte.engine import configure_cuda_numerics
@@ -99,6 +102,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="frames per video; beyond the model's clip length the video is extended clip by clip",
     )
     p.add_argument("--overlap", type=int, help="latent frames each clip shares with the previous one")
+    p.add_argument(
+        "--lora",
+        help="apply a LoRA adapter to the model: a folder from `latte.export --adapter` or a LoRA run's "
+        "checkpoint dir (its EMA adapter)",
+    )
+    p.add_argument(
+        "--lora-scale", type=float, help="scale of the LoRA adapter's contribution (default 1; 0 = the base)"
+    )
     p.add_argument("--save-latents", action="store_true", help="also write the latents as .npy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -129,12 +140,29 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, C
     cfg = source.cfg
     if cfg.sample.precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    model = build_model(cfg)
+    model = build_model(cfg)  # a LoRA run's: its base (model.init_from) with empty adapters
     d = cfg.data
     what = f"{cfg.model.name} ({cfg.model.num_classes} classes, {d.num_frames} frames of {d.latent_size}²)"
-    check_fits(model, source.state_dict, source.weights_file, what)
-    model.load_state_dict(source.state_dict, strict=True)
-    return model.to(device).eval().requires_grad_(False), cfg, source.description, source.dataset
+    description = source.description
+    if lora.enabled(cfg.model.lora):
+        changed = base_changed({"base": source.base}, cfg)
+        if changed:
+            raise ConfigError(f"{args.checkpoint} {changed}")
+        lora.load_adapter_state(model, source.state_dict, source.weights_file)
+        description += f", LoRA rank {cfg.model.lora.rank} on {cfg.model.init_from}"
+    else:
+        check_fits(model, source.state_dict, source.weights_file, what)
+        model.load_state_dict(source.state_dict, strict=True)
+    if args.lora:
+        description += f"; {lora.apply_adapter(model, args.lora)}"
+    if args.lora_scale is not None:
+        if not lora.lora_layers(model):
+            raise ConfigError(
+                "--lora-scale scales a LoRA adapter: give --lora PATH or a LoRA run's checkpoint"
+            )
+        lora.set_scale(model, args.lora_scale)
+        description += f", scale {args.lora_scale:g}"
+    return model.to(device).eval().requires_grad_(False), cfg, description, source.dataset
 
 
 def prompt_conditioning(

@@ -19,7 +19,7 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
+def splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -29,9 +29,9 @@ def _splitmix64(x: int) -> int:
 def sample_seed(seed: int, step: int, index: int) -> int:
     """A 63-bit seed for sample ``index`` of step ``step``'s global batch (distinct inputs give unrelated
     seeds: no two (step, index) pairs collide the way ``seed * K + step`` arithmetic can)."""
-    h = _splitmix64(seed & _MASK64)
-    h = _splitmix64(h ^ (step & _MASK64))
-    return _splitmix64(h ^ (index & _MASK64)) >> 1
+    h = splitmix64(seed & _MASK64)
+    h = splitmix64(h ^ (step & _MASK64))
+    return splitmix64(h ^ (index & _MASK64)) >> 1
 
 
 def mix_seed(seed: int, k: int) -> int:
@@ -56,6 +56,9 @@ class SampleDraws:
     noise: torch.Tensor
     drop: torch.Tensor | None  # int64, 1 = replace the label by the null class; None without dropout
     image_drop: torch.Tensor | None = None  # (B,) int64, the same for the sample's K images; None: no images
+    seeds: tuple[
+        int, ...
+    ] = ()  # each sample's seed (``sample_seed``): what other per-sample draws derive from
 
 
 class TrainingDraws:
@@ -83,8 +86,9 @@ class TrainingDraws:
         while len(self._generators) < len(indices):
             self._generators.append(torch.Generator(device=self.device))
         ts, noises, drops, image_drops = [], [], [], []
-        for g, index in zip(self._generators, indices, strict=False):
-            g.manual_seed(sample_seed(self.seed, step, index))
+        seeds = tuple(sample_seed(self.seed, step, index) for index in indices)
+        for g, seed in zip(self._generators, seeds, strict=False):
+            g.manual_seed(seed)
             # order matters (it fixes the streams): timestep, noise, then the dropout draw
             ts.append(torch.randint(0, self.num_timesteps, (1,), generator=g, device=self.device))
             noises.append(torch.randn(self.shape, generator=g, device=self.device))
@@ -94,4 +98,4 @@ class TrainingDraws:
                     image_drops.append(torch.rand((1,), generator=g, device=self.device))
         drop = (torch.cat(drops) < self.drop_prob).long() if drops else None  # (B,)
         image_drop = (torch.cat(image_drops) < self.drop_prob).long() if image_drops else None  # (B,)
-        return SampleDraws(torch.cat(ts), torch.stack(noises), drop, image_drop)  # (B,), (B, *shape)
+        return SampleDraws(torch.cat(ts), torch.stack(noises), drop, image_drop, seeds)  # (B,), (B, *shape)

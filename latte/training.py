@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latte import lora
 from latte.builders import build_diffusion, build_model
 from latte.config import Config
 from latte.ema import ShardedEMA
@@ -29,6 +30,7 @@ class Training:
     diffusion: Any  # the training diffusion (``timestep_respacing``)
     compute_dtype: torch.dtype  # what the network computes in (train.precision)
     n_params: int  # trainable parameters
+    n_total: int = 0  # all parameters (more than n_params when a frozen base is adapted with LoRA)
 
     def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         """The engine as the diffusion math calls it (``precision.call_in``: in the engine's precision,
@@ -51,6 +53,8 @@ def build_training(cfg: Config, world, load_universal: bool = False) -> Training
     model = build_model(cfg)
     fixed = {name: p.detach().clone() for name, p in model.named_parameters() if name in model.FIXED_TABLES}
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
     engine = build_engine(cfg, model, world, load_universal=load_universal)
-    ema = ShardedEMA(engine, cfg.train.ema_decay, fixed)  # starts as a copy of the synced initial weights
-    return Training(engine, ema, build_diffusion(cfg), DTYPES[cfg.train.precision], n_params)
+    # starts as a copy of the synced initial weights; under LoRA, of the adapters alone
+    ema = ShardedEMA(engine, cfg.train.ema_decay, fixed, include_frozen=not lora.enabled(cfg.model.lora))
+    return Training(engine, ema, build_diffusion(cfg), DTYPES[cfg.train.precision], n_params, n_total)

@@ -23,7 +23,7 @@ def test_gpu_check_smoke_runs_every_part_or_names_what_is_missing(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     parts = {p["title"]: p for p in json.loads((tmp_path / "gpu_check.json").read_text())}
-    assert len(parts) == 7 and (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (smoke")
+    assert len(parts) == 8 and (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (smoke")
     for title, part in parts.items():
         assert part["status"] == "ok" or part["status"].startswith("skipped: "), (title, part["status"])
     cuda = any(row[0] == "device" and not row[1].startswith("cpu") for row in parts["environment"]["rows"])
@@ -48,3 +48,6 @@ def test_gpu_check_smoke_runs_every_part_or_names_what_is_missing(tmp_path):
     assert [row[0] for row in deepspeed["rows"]] == ["ZeRO-2", "ZeRO-3"]
     (sample,) = parts["sampling"]["rows"]
     assert sample[1] is True
+    lora = {row[0]: row for row in parts["LoRA vs full fine-tuning: train.py's ZeRO-2 step"]["rows"]}
+    assert list(lora) == ["full", "LoRA r16"] and lora["LoRA r16"][1] < 0.5 * lora["full"][1]
+    assert lora["LoRA r16"][2] < 0.5 * lora["full"][2]  # the optimizer holds the adapters' state alone

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from latte.config import Config
+from latte.lora import load_trained
 from latte.precision import call_in
 from latte.seeding import sample_seed
 
@@ -158,9 +159,15 @@ class Validator:
         w, t_cfg = self.world, self.cfg.train
         args = (tr.diffusion, self.conditioning, self.vset, w.rank, w.world_size, w.device)
         sizes = {"buckets": t_cfg.val_buckets, "batch_size": 2 * t_cfg.micro_batch_size}
-        raw = validation_loss(tr.model_fn, *args, **sizes)
+        module = tr.engine.module
+        module.eval()  # (LoRA dropout off; the models have no other train-time behaviour)
+        try:
+            raw = validation_loss(tr.model_fn, *args, **sizes)
+        finally:
+            module.train()
         net = self._ema_module(tr.compute_dtype)
-        net.load_state_dict(tr.ema.consolidate())  # the full EMA (gathered from every rank's shard)
+        # the full EMA, gathered from every rank's shard (LoRA: the adapters' EMA on the frozen base)
+        load_trained(net, tr.ema.consolidate(), "the EMA")
         ema = validation_loss(lambda x, t, **kw: call_in(net, tr.compute_dtype, x, t, **kw), *args, **sizes)
         return {"raw": raw, "ema": ema}
 
@@ -170,12 +177,16 @@ class Validator:
         if self._ema_net is None:
             from latte.builders import build_model
 
-            model_cfg = dataclasses.replace(self.cfg.model, init_from="", compile=False)
+            lora = (
+                self.cfg.model.lora.rank > 0
+            )  # its base is init_from's; otherwise every weight is the EMA's
+            init_from = self.cfg.model.init_from if lora else ""
+            model_cfg = dataclasses.replace(self.cfg.model, init_from=init_from, compile=False)
             cfg = dataclasses.replace(self.cfg, model=model_cfg)
             devices = [self.world.device] if self.world.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 net = build_model(cfg)
-            self._ema_net = net.to(self.world.device, dtype).requires_grad_(False)
+            self._ema_net = net.to(self.world.device, dtype).requires_grad_(False).eval()
         return self._ema_net
 
 

@@ -67,7 +67,7 @@ def check_state_dict(model: torch.nn.Module, tensors: dict[str, Tensor], source:
         if tuple(tensors[k].shape) != expected[k]
     ]
     if problems:
-        raise ValueError(f"{source} do not match LatteT2V: " + "; ".join(problems))
+        raise ValueError(f"{source} do not match {type(model).__name__}: " + "; ".join(problems))
 
 
 def from_diffusers(

@@ -38,6 +38,7 @@ class Source:
     weights_file: str  # the file the weights were read from (for messages)
     description: str  # e.g. "EMA of /runs/checkpoints/step_00000060, config from its meta.json"
     dataset: dict | None = None  # what the model was trained on, as meta.json records it (VAE, factor)
+    base: dict | None = None  # a LoRA run's base weights as meta.json records them (path, sha256)
 
 
 def load_source(
@@ -61,13 +62,14 @@ def load_source(
             file = step_dir
             state_dict = ckpt.consolidated_model(step_dir)
         what = f"{'EMA' if weights == 'ema' else 'raw weights'} of {step_dir}"
-        return Source(cfg, state_dict, str(file), f"{what}, config from {config_from}", meta.get("dataset"))
+        description = f"{what}, config from {config_from}"
+        return Source(cfg, state_dict, str(file), description, meta.get("dataset"), meta.get("base"))
     if not where.is_file():
         raise SourceError(f"no such checkpoint directory or weights file: {path}")
     if config is None:
         raise SourceError(f"{path} holds weights only; pass --config (the YAML the model was trained with)")
     cfg = load_config(config, overrides)
-    state_dict = _read_weights_file(where, weights)
+    state_dict = read_weights_file(where, weights)
     return Source(cfg, state_dict, str(where), f"{weights} weights of {where}, config from {config}")
 
 
@@ -80,7 +82,7 @@ def _saved_meta(step_dir: Path) -> dict:
         raise SourceError(f"{step_dir / ckpt.META} holds no readable config ({type(exc).__name__})") from None
 
 
-def _read_weights_file(path: Path, weights: str) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path, weights: str) -> dict[str, torch.Tensor]:
     """The state dict ``weights`` names in an exported .pt / .safetensors file."""
     try:
         if path.suffix == ".safetensors":
