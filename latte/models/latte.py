@@ -242,6 +242,7 @@ class Latte(nn.Module):
         attention_mask: Tensor | None = None,
         force_drop_ids: Tensor | None = None,
         force_drop_image_ids: Tensor | None = None,
+        sequence=None,
     ) -> Tensor:
         """Predict noise (and variance values) for noisy latents.
 
@@ -253,6 +254,9 @@ class Latte(nn.Module):
         1 = replace the clip's label by the "no class" one, force_drop_image_ids: (N,) the same for all K
         image labels of a sample, or (N, K) per image (label dropout drawn by the caller, e.g. per global
         sample in training; without it a training-mode forward draws the dropout itself).
+        sequence: sequence parallelism (``latte.parallel.sequence.SequenceShard``; None = off): every rank of
+        the group passes the same inputs, computes its F/P frames in the spatial blocks and its T/P token
+        positions in the temporal blocks, and returns the whole output (clips only, K = 0).
         Returns (N, F+K, C_out, H, W).
         """
         n, frames, ch, h, w = x.shape
@@ -268,10 +272,19 @@ class Latte(nn.Module):
             raise ValueError(
                 f"input latents are {ch}x{h}x{w}; the model expects {self.in_channels}x{self.input_size}²"
             )
+        num_tokens = self.x_embedder.num_patches
+        local = slice(None)  # the frames (and token positions) this rank computes: all, without SP
+        if sequence is not None:
+            if k:
+                raise ValueError("sequence parallelism takes clips only (use_image_num 0)")
+            sequence.check(f, num_tokens)
+            local = sequence.part(f)
+            frames = f = f // sequence.size
+            x = x[:, local]  # (N, F/P, C, H, W): this rank's frames
         latents = rearrange(x, "n f c h w -> (n f) c h w")  # (N*(F+K), C, H, W)
         tokens = self.x_embedder(latents) + self.pos_embed  # (N*(F+K), T, D)
         x = rearrange(tokens, "(n f) t d -> n f t d", n=n)  # (N, F+K, T, D)
-        num_tokens = x.shape[2]
+        temporal_tokens = num_tokens // (sequence.size if sequence is not None else 1)  # T/P with SP
 
         t_emb = self.t_embedder(t)  # (N, D)
         y_frames = y_tokens = None  # the label embedding of each frame, of each token position
@@ -286,7 +299,7 @@ class Latte(nn.Module):
             if k:  # each image its own label, from the same table (with a dropout draw of its own)
                 images = self.y_embedder(y_image, self.training, force_drop_image_ids)  # (N, K, D)
                 y_frames = torch.cat([y_frames, images], dim=1)  # (N, F+K, D)
-            y_tokens = repeat(y_emb, "n d -> n s d", s=num_tokens)  # (N, T, D)
+            y_tokens = repeat(y_emb, "n d -> n s d", s=temporal_tokens)  # (N, T, D)
 
         def per_sequence(labels: Tensor | None, s: int) -> Tensor:
             """(N, D) timestep and (N, S, D) label embeddings -> (N*S, D), row n*S + s: added once per pass
@@ -295,24 +308,34 @@ class Latte(nn.Module):
             return c if labels is None else c + rearrange(labels, "n s d -> (n s) d")
 
         c_spatial = per_sequence(y_frames, frames)  # (N*(F+K), D), the final layer's too
-        c_temporal = per_sequence(y_tokens, num_tokens)  # (N*T, D): the clip's, images take no part
+        c_temporal = per_sequence(y_tokens, temporal_tokens)  # (N*T, D): the clip's, images take no part
 
+        all_frames = f * (sequence.size if sequence is not None else 1)  # the temporal blocks see all F
         spatial_mask = temporal_mask = None
         if attention_mask is not None:
-            token_mask = self._token_mask(attention_mask, n, frames, num_tokens)  # (N, F+K, T)
-            spatial_mask, temporal_mask = token_mask, token_mask[:, :f].transpose(1, 2)  # ..., (N, T, F)
+            token_mask = self._token_mask(attention_mask, n, all_frames + k, num_tokens)  # (N, F+K, T)
+            spatial_mask = token_mask[:, local]  # (N, F+K, T); SP: this rank's frames
+            temporal_mask = token_mask[:, :all_frames].transpose(1, 2)  # (N, T, F)
+            if sequence is not None:
+                temporal_mask = temporal_mask[:, sequence.part(num_tokens)]  # (N, T/P, F)
 
         for i in range(0, len(self.blocks), 2):
             x = self._run_block(self.blocks[i], x, c_spatial, spatial_mask)  # attends over T in each frame
-            video = x[:, :f].transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D): video frames per token position
+            video = x[:, :f]  # (N, F, T, D); SP: this rank's F/P frames
+            if sequence is not None:
+                video = sequence.to_tokens(video)  # (N, F/P, T, D) -> (N, F, T/P, D): one all-to-all
+            video = video.transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D): video frames per token position
             if i == 0:  # the temporal table, (1, 1, F, D), added once before the first temporal block
-                video = video + self.temp_embed[:, None, :f]
+                video = video + self.temp_embed[:, None, :all_frames]
             video = self._run_block(self.blocks[i + 1], video, c_temporal, temporal_mask)  # attends over F
             video = video.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
+            if sequence is not None:
+                video = sequence.to_frames(video)  # (N, F, T/P, D) -> (N, F/P, T, D)
             x = torch.cat([video, x[:, f:]], dim=1) if k else video  # (N, F+K, T, D): images skip it
 
         x = self.final_layer(x, c_spatial)  # (N, F+K, T, p*p*C_out)
-        return self.unpatchify(x)
+        out = self.unpatchify(x)  # (N, F+K, C_out, H, W)
+        return sequence.gather_frames(out) if sequence is not None else out  # SP: all F frames
 
     def forward_with_cfg(
         self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, attention_mask: Tensor | None = None

@@ -1,0 +1,1 @@
+"""Parallelism across ranks inside one sample (sequence parallelism)."""

@@ -1,0 +1,136 @@
+"""Sequence parallelism for Latte (DSP, Zhao et al. 2024): P ranks share each sample.
+
+Latte's spatial blocks attend within a frame and its temporal blocks across frames at one token position, so
+nothing inside a block needs another rank when the spatial blocks see whole frames and the temporal blocks
+whole frame sequences. ``SequenceShard`` is what the model is given (``Latte.forward(..., sequence=)``):
+rank r of the group holds frames ``[r F/P, (r + 1) F/P)`` of every sample in the spatial blocks, and token
+positions ``[r T/P, (r + 1) T/P)`` of all F frames in the temporal blocks; one all-to-all switches between
+the two before and after each temporal block. The model's output is gathered back to all F frames on every
+rank.
+
+Gradients: the all-to-all's backward is the inverse all-to-all; the gather's backward keeps this rank's
+frames of the output gradient, which is right when every rank of the group computes the same loss from the
+gathered output (the same samples and per-sample draws). Each rank's parameter gradients are then its part
+of the sample's gradient: the group's sum is the whole of it.
+
+The model module never imports ``torch.distributed``; this file holds the communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _all_to_all(x: Tensor, group) -> Tensor:
+    """(P, ...) -> (P, ...): chunk j goes to rank j; chunk j of the result came from rank j."""
+    x = x.contiguous()
+    out = torch.empty_like(x)  # (contiguous like x: the collective writes the buffer in order)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+class _ToTokens(torch.autograd.Function):
+    """(N, F/P, T, D) this rank's frames -> (N, F, T/P, D) this rank's token positions of every frame."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shard: SequenceShard) -> Tensor:
+        ctx.shard = shard
+        return shard._frames_to_tokens(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.shard._tokens_to_frames(grad), None
+
+
+class _ToFrames(torch.autograd.Function):
+    """The inverse: (N, F, T/P, D) -> (N, F/P, T, D)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shard: SequenceShard) -> Tensor:
+        ctx.shard = shard
+        return shard._tokens_to_frames(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.shard._frames_to_tokens(grad), None
+
+
+class _GatherFrames(torch.autograd.Function):
+    """(N, F/P, ...) -> (N, F, ...) on every rank; backward: this rank's frames of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shard: SequenceShard) -> Tensor:
+        ctx.shard = shard
+        parts = [torch.empty_like(x) for _ in range(shard.size)]
+        dist.all_gather(parts, x.contiguous(), group=shard.group)
+        return torch.cat(parts, dim=1)  # (N, F, ...), frames in rank order
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shard = ctx.shard
+        return grad.narrow(1, shard.rank * (grad.shape[1] // shard.size), grad.shape[1] // shard.size), None
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceShard:
+    """This rank's place in its sequence-parallel group: ``size`` P ranks, ``rank`` r in it, the process
+    ``group`` (None: the default group)."""
+
+    size: int
+    rank: int
+    group: object = None
+
+    def check(self, frames: int, tokens: int) -> None:
+        """F and T must split evenly over the group (one line naming which does not)."""
+        for what, n in (("frames", frames), ("tokens per frame", tokens)):
+            if n % self.size:
+                raise ValueError(
+                    f"sequence parallelism over {self.size} ranks needs {what} divisible by {self.size}, "
+                    f"got {n}"
+                )
+
+    def part(self, total: int) -> slice:
+        """This rank's slice of ``total`` frames (or token positions)."""
+        n = total // self.size
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def to_tokens(self, x: Tensor) -> Tensor:
+        return _ToTokens.apply(x, self)
+
+    def to_frames(self, x: Tensor) -> Tensor:
+        return _ToFrames.apply(x, self)
+
+    def gather_frames(self, x: Tensor) -> Tensor:
+        return _GatherFrames.apply(x, self)
+
+    def _frames_to_tokens(self, x: Tensor) -> Tensor:
+        n, fl, t, d = x.shape
+        p = self.size
+        chunks = x.reshape(n, fl, p, t // p, d).permute(2, 0, 1, 3, 4)  # (P, N, F/P, T/P, D): to rank j
+        got = _all_to_all(chunks, self.group)  # (P, N, F/P, T/P, D): rank j's frames of my tokens
+        return got.permute(1, 0, 2, 3, 4).reshape(n, p * fl, t // p, d)  # (N, F, T/P, D)
+
+    def _tokens_to_frames(self, x: Tensor) -> Tensor:
+        n, f, tl, d = x.shape
+        p = self.size
+        chunks = x.reshape(n, p, f // p, tl, d).permute(1, 0, 2, 3, 4)  # (P, N, F/P, T/P, D): to rank j
+        got = _all_to_all(chunks, self.group)  # (P, N, F/P, T/P, D): rank j's tokens of my frames
+        return got.permute(1, 2, 0, 3, 4).reshape(n, f // p, p * tl, d)  # (N, F/P, T, D)
+
+
+def sequence_groups(size: int) -> SequenceShard:
+    """Split the world into groups of ``size`` consecutive ranks (a collective: every rank calls it) and
+    return this rank's shard; ``size`` must divide the world size."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world % size:
+        raise ValueError(f"sequence parallelism over {size} ranks does not divide the world of {world} ranks")
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))  # every rank makes every group
+        if start <= rank < start + size:
+            mine = group
+    return SequenceShard(size, rank % size, mine)

@@ -1,0 +1,103 @@
+"""Sequence parallelism (issue 19, the model part): Latte-S/2 split over 2 gloo ranks (frames in the spatial
+blocks, token positions in the temporal blocks, one all-to-all each way around every temporal block) computes
+what one rank computes: outputs, and parameter gradients summed over the group, within 1e-5 of the output's
+(or gradient's) largest magnitude. The ranks' matmuls run on half-size batches, so their roundings differ from
+one rank's by float32 reassociation only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist import run_ranks
+
+from latte.models import LATTE_MODELS
+
+TOL = 1e-5
+CASES = {  # name: (model kwargs, forward kwargs)
+    "sdpa": ({"attention": "sdpa"}, {}),
+    "math + mask + checkpointing": ({"attention": "math", "gradient_checkpointing": True}, {"mask": True}),
+}
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    model = LATTE_MODELS["Latte-S/2"](input_size=16, num_frames=4, num_classes=10, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # adaLN-Zero starts with zero gates and output: make every path count
+        for name, p in model.named_parameters():
+            if name not in model.FIXED_TABLES:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.train()
+
+
+def _inputs(mask: bool = False) -> dict:
+    g = torch.Generator().manual_seed(2)
+    kwargs = {
+        "x": torch.randn(2, 4, 4, 16, 16, generator=g),  # (N, F, C, h, w): 4 frames of 8x8 = 64 tokens
+        "t": torch.tensor([3, 700]),
+        "y": torch.tensor([1, 7]),
+        "force_drop_ids": torch.tensor([0, 1]),
+    }
+    if mask:
+        kwargs["attention_mask"] = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    return kwargs
+
+
+def _forward_backward(model, sequence=None, mask: bool = False) -> dict:
+    inputs = _inputs(mask)
+    out = model(**inputs, sequence=sequence)  # (N, F, 2C, h, w)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # a loss every rank shares
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"out": out.detach(), "grads": grads}
+
+
+def _on_rank(case: str) -> dict:
+    import torch.distributed as dist
+
+    from latte.parallel.sequence import sequence_groups
+
+    dist.init_process_group("gloo")
+    shard = sequence_groups(2)
+    model_kwargs, forward_kwargs = CASES[case]
+    result = _forward_backward(_model(**model_kwargs), shard, **forward_kwargs)
+    dist.destroy_process_group()
+    return result
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    err, peak = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= TOL * peak, f"{what}: max |diff| {err:.3g} > {TOL} x {peak:.3g}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_compute_what_one_rank_computes(tmp_path, case):
+    model_kwargs, forward_kwargs = CASES[case]
+    want = _forward_backward(_model(**model_kwargs), **forward_kwargs)
+    ranks = run_ranks(_on_rank, 2, (case,), tmp_path)
+    for r in ranks:
+        _close(r["out"], want["out"], f"rank output ({case})")
+    assert ranks[0]["grads"].keys() == want["grads"].keys()
+    for name, grad in want["grads"].items():
+        _close(ranks[0]["grads"][name] + ranks[1]["grads"][name], grad, f"{name} gradient ({case})")
+    assert not torch.equal(
+        ranks[0]["grads"]["blocks.0.attn.qkv.weight"], want["grads"]["blocks.0.attn.qkv.weight"]
+    )
+
+
+def test_frames_or_tokens_that_do_not_split_are_one_error():
+    from latte.parallel.sequence import SequenceShard
+
+    model = _model(attention="sdpa")
+    inputs = _inputs()
+    inputs["x"] = inputs["x"][:, :3]  # 3 frames over 2 ranks
+    with pytest.raises(
+        ValueError, match="^sequence parallelism over 2 ranks needs frames divisible by 2, got 3$"
+    ):
+        model(**inputs, sequence=SequenceShard(2, 0))
+    with pytest.raises(ValueError, match="clips only"):
+        model(
+            **_inputs(),
+            use_image_num=2,
+            y_image=torch.zeros(2, 2, dtype=torch.long),
+            sequence=SequenceShard(2, 0),
+        )
