@@ -1,8 +1,8 @@
 """Sequence parallelism (issue 19, the model part): Latte-S/2 split over 2 gloo ranks (frames in the spatial
 blocks, token positions in the temporal blocks, one all-to-all each way around every temporal block) computes
 what one rank computes: outputs, and parameter gradients summed over the group, within 1e-5 of the output's
-(or gradient's) largest magnitude. The ranks' matmuls run on half-size batches, so their roundings differ from
-one rank's by float32 reassociation only."""
+(or gradient's) largest magnitude (+ 1e-7). The ranks' matmuls run on half-size batches, so their roundings
+differ from one rank's by float32 reassociation only. LatteT2V too, its caption replicated in the group."""
 
 from __future__ import annotations
 
@@ -13,15 +13,30 @@ from dist import run_ranks
 from latte.models import LATTE_MODELS
 
 TOL = 1e-5
+ABS = 1e-7  # a floor: an attention key bias's gradient is zero in exact arithmetic, ~1e-8 in float32
 CASES = {  # name: (model kwargs, forward kwargs)
     "sdpa": ({"attention": "sdpa"}, {}),
     "math + mask + checkpointing": ({"attention": "math", "gradient_checkpointing": True}, {"mask": True}),
+    "T2V, caption mask": ({"t2v": True, "attention": "sdpa"}, {"mask": True}),
 }
 
 
-def _model(**kwargs):
+def _model(t2v: bool = False, **kwargs):
     torch.manual_seed(0)
-    model = LATTE_MODELS["Latte-S/2"](input_size=16, num_frames=4, num_classes=10, **kwargs)
+    if t2v:  # a small LatteT2V (2 spatial-temporal pairs of width 64); the caption is replicated in the group
+        from latte.models import LatteT2V
+
+        model = LatteT2V(
+            input_size=16,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            caption_channels=32,
+            num_frames=4,
+            **kwargs,
+        )
+    else:
+        model = LATTE_MODELS["Latte-S/2"](input_size=16, num_frames=4, num_classes=10, **kwargs)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # adaLN-Zero starts with zero gates and output: make every path count
         for name, p in model.named_parameters():
@@ -30,8 +45,17 @@ def _model(**kwargs):
     return model.train()
 
 
-def _inputs(mask: bool = False) -> dict:
+def _inputs(mask: bool = False, t2v: bool = False) -> dict:
     g = torch.Generator().manual_seed(2)
+    if t2v:
+        kwargs = {
+            "x": torch.randn(2, 4, 4, 16, 16, generator=g),  # (N, F, C, h, w)
+            "t": torch.tensor([3, 700]),
+            "encoder_hidden_states": torch.randn(2, 5, 32, generator=g),  # (N, L, D)
+        }
+        if mask:
+            kwargs["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+        return kwargs
     kwargs = {
         "x": torch.randn(2, 4, 4, 16, 16, generator=g),  # (N, F, C, h, w): 4 frames of 8x8 = 64 tokens
         "t": torch.tensor([3, 700]),
@@ -44,7 +68,9 @@ def _inputs(mask: bool = False) -> dict:
 
 
 def _forward_backward(model, sequence=None, mask: bool = False) -> dict:
-    inputs = _inputs(mask)
+    from latte.models import LatteT2V
+
+    inputs = _inputs(mask, isinstance(model, LatteT2V))
     out = model(**inputs, sequence=sequence)  # (N, F, 2C, h, w)
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # a loss every rank shares
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -66,7 +92,7 @@ def _on_rank(case: str) -> dict:
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     err, peak = (got - want).abs().max().item(), want.abs().max().item()
-    assert err <= TOL * peak, f"{what}: max |diff| {err:.3g} > {TOL} x {peak:.3g}"
+    assert err <= TOL * peak + ABS, f"{what}: max |diff| {err:.3g} > {TOL} x {peak:.3g} + {ABS}"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -79,9 +105,8 @@ def test_two_ranks_compute_what_one_rank_computes(tmp_path, case):
     assert ranks[0]["grads"].keys() == want["grads"].keys()
     for name, grad in want["grads"].items():
         _close(ranks[0]["grads"][name] + ranks[1]["grads"][name], grad, f"{name} gradient ({case})")
-    assert not torch.equal(
-        ranks[0]["grads"]["blocks.0.attn.qkv.weight"], want["grads"]["blocks.0.attn.qkv.weight"]
-    )
+    some = next(iter(want["grads"]))
+    assert not torch.equal(ranks[0]["grads"][some], want["grads"][some])  # each rank holds a part
 
 
 def test_frames_or_tokens_that_do_not_split_are_one_error():

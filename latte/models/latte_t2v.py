@@ -357,6 +357,7 @@ class LatteT2V(nn.Module):
         encoder_attention_mask: Tensor | None = None,
         enable_temporal_attentions: bool = True,
         use_image_num: int = 0,
+        sequence=None,
     ) -> Tensor:
         """Predict noise (and variance values) for noisy latents given a caption.
 
@@ -370,14 +371,25 @@ class LatteT2V(nn.Module):
         frames then K images, (N, F+K, C, H, W); encoder_hidden_states (N, 1+K, L, caption_channels) and
         encoder_attention_mask (N, 1+K, L): the clip's caption, then each image's own. The images go through
         the spatial blocks (attending to their own caption) and the output layer, not the temporal blocks.
+
+        sequence: sequence parallelism (``latte.parallel.sequence.SequenceShard``; None = off), as for
+        ``Latte``: each rank of the group computes F/P frames in the spatial blocks (the caption replicated)
+        and T/P token positions in the temporal blocks, and returns the whole output (clips only, K = 0).
         """
         if use_image_num:
+            if sequence is not None:
+                raise ValueError("sequence parallelism takes clips only (use_image_num 0)")
             return self._forward_joint(x, t, encoder_hidden_states, encoder_attention_mask, use_image_num)
         temporal_on = enable_temporal_attentions
         mask = self._check_inputs(x, encoder_hidden_states, encoder_attention_mask, temporal_on)
         n, f, _, h, w = x.shape
         gh, gw = h // self.patch_size, w // self.patch_size
         t = t.expand(n) if t.dim() == 0 else t
+        all_frames = f  # what the temporal blocks see
+        if sequence is not None:
+            sequence.check(f, gh * gw)
+            x = x[:, sequence.part(f)]  # (N, F/P, C, H, W): this rank's frames
+            f = f // sequence.size
         frames = rearrange(x, "n f c h w -> (n f) c h w")  # (N*F, C, H, W)
         tokens = self.pos_embed(frames)  # (N*F, T, D), the spatial table added
         x = rearrange(tokens, "(n f) t d -> n f t d", n=n)  # (N, F, T, D)
@@ -391,15 +403,20 @@ class LatteT2V(nn.Module):
             x = self._run_block(spatial, x, mod, context, mask)  # attends over T in each frame, then caption
             if not temporal_on:
                 continue
+            if sequence is not None:
+                x = sequence.to_tokens(x)  # (N, F/P, T, D) -> (N, F, T/P, D): one all-to-all
             x = x.transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D): frame sequences per token position
-            if i == 0 and f > 1:  # the temporal table, (1, 1, F, D), once before the first temporal block
-                x = x + self.temp_pos_embed[:, None, :f].to(x.dtype)
+            if i == 0 and all_frames > 1:  # the temporal table, (1, 1, F, D), before the first temporal block
+                x = x + self.temp_pos_embed[:, None, :all_frames].to(x.dtype)
             x = self._run_block(temporal, x, mod)  # attends over F
             x = x.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
+            if sequence is not None:
+                x = sequence.to_frames(x)  # (N, F, T/P, D) -> (N, F/P, T, D)
 
         shift, scale = (self.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)  # each (N, 1, D)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]  # per sample, (N, 1, 1, D) broadcast
-        return self.unpatchify(self.proj_out(x), gh, gw)  # (N, F, T, p*p*C_out) -> (N, F, C_out, H, W)
+        out = self.unpatchify(self.proj_out(x), gh, gw)  # (N, F, T, p*p*C_out) -> (N, F, C_out, H, W)
+        return sequence.gather_frames(out) if sequence is not None else out  # SP: all F frames
 
     def _forward_joint(self, x: Tensor, t: Tensor, states: Tensor, mask: Tensor | None, k: int) -> Tensor:
         """``forward`` with K images after the clip's frames (see there). The spatial blocks run on the video
