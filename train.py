@@ -80,17 +80,24 @@ def train(cfg: Config, world, stop: StopFlag | None = None) -> tuple[list[float]
     The checkpoint directory is claimed (``latte.run_lock``) for the run's duration, whatever ends it."""
     from data_pipeline.sources import open_batches
     from latte.checkpoint import CheckpointManager
+    from latte.parallel.sequence import data_place
 
     # first: a dataset that does not fit the config fails before any build
-    data = open_batches(cfg, world.rank, world.world_size, world.device.type)
+    try:  # sequence parallelism: each group of P ranks is one data-parallel rank (the same samples)
+        place = data_place(world.rank, world.world_size, cfg.train.sequence_parallel)
+    except ValueError as exc:
+        raise ConfigError(f"train.sequence_parallel: {exc}") from None
+    data = open_batches(cfg, place.rank, place.world_size, world.device.type)
     checkpoints = CheckpointManager(cfg, world)
     try:
-        return _train(cfg, world, stop, data, checkpoints)
+        return _train(cfg, world, stop, data, checkpoints, place)
     finally:
         checkpoints.close()
 
 
-def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tuple[list[float], Any, Any]:
+def _train(
+    cfg: Config, world, stop: StopFlag | None, data, checkpoints, place
+) -> tuple[list[float], Any, Any]:
     from data_pipeline.synthetic import CAPTION_TOKENS
     from latte.builders import attention_line
     from latte.checkpoint import TrainState
@@ -113,7 +120,7 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
         from data_pipeline.sources import open_validation_set
         from latte.evaluation.validation_loss import Validator
 
-        validator = Validator(cfg, world, conditioning, open_validation_set(cfg, data.facts))
+        validator = Validator(cfg, world, conditioning, open_validation_set(cfg, data.facts), place)
     resume_from = checkpoints.find()  # refused (another config, dir in use, unwritable) before any build
     attention = attention_line(cfg, world.device, DTYPES[t_cfg.precision])  # can't run: an error
     training = build_training(cfg, world, load_universal=checkpoints.reshard)
@@ -144,6 +151,7 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
         return [], engine, ema
     batches = iter(data)  # after load: the stream continues where the checkpoint's left off
     micro, accum, ws = t_cfg.micro_batch_size, t_cfg.gradient_accumulation_steps, world.world_size
+    sp = t_cfg.sequence_parallel
     images = cfg.data.use_image_num  # K single-frame images after each clip's F frames (joint training)
     frames = cfg.data.num_frames + images
     latent_shape = (frames, cfg.model.in_channels, cfg.data.latent_size, cfg.data.latent_size)
@@ -183,16 +191,20 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
         for a in range(accum):  # engine.step() steps the optimizer exactly at every accum-th micro-batch
             with metrics.waiting_for_data():
                 batch = next(batches)
-            drawn = draws(step, batch_indices(a, world.rank, ws, micro))
+            drawn = draws(step, batch_indices(a, place.rank, place.world_size, micro))  # the group's samples
             if adapter_dropout:  # LoRA dropout masks from the samples' seeds (forward and recomputation)
                 set_dropout_seeds(engine.module, drawn.seeds)
             x = to_device(batch["latent"], world.device, torch.float32)  # (B, F+K, C, h, w)
             kwargs = conditioning.training_kwargs(batch, world.device, drawn.drop, drawn.image_drop)
             if images:
                 kwargs["use_image_num"] = images
+            if place.sequence is not None:
+                kwargs["sequence"] = place.sequence
             loss = diffusion.training_losses(training.model_fn, x, drawn.t, kwargs, noise=drawn.noise)["loss"]
             loss = loss.mean()
-            engine.backward(loss)
+            # each rank of a group holds its part of the sample's gradient and DeepSpeed averages over all
+            # P x DP ranks: x P makes it the mean over the DP groups of the whole gradients
+            engine.backward(loss * sp if sp > 1 else loss)
             engine.step()
             if engine.was_step_applied():  # an optimizer step happened (not a micro-batch, not an fp16 skip)
                 ema.update()
@@ -225,6 +237,8 @@ def _train(cfg: Config, world, stop: StopFlag | None, data, checkpoints) -> tupl
 def _run_line(cfg: Config, run_dir: Path | None, training, metrics) -> str:
     t, ws = cfg.train, metrics.world_size
     peak = f"{metrics.peak:.3g} FLOP/s" if metrics.peak else "n/a"
+    p = t.sequence_parallel
+    sp = f" (sequence parallel {p} x data parallel {ws // p})" if p > 1 else ""
     params = f"{training.n_params / 1e6:.2f}M params"
     lora = cfg.model.lora
     if lora.rank:
@@ -233,9 +247,10 @@ def _run_line(cfg: Config, run_dir: Path | None, training, metrics) -> str:
             f"{training.n_total / 1e6:.2f}M (base {cfg.model.init_from})"
         )
     return (
-        f"run dir {run_dir} | {cfg.model.name} {params} | {ws} x {metrics.device_name} | "
+        f"run dir {run_dir} | {cfg.model.name} {params} | {ws} x {metrics.device_name}{sp} | "
         f"{t.precision} | ZeRO {t.zero_stage} | global batch {metrics.global_batch} = {t.micro_batch_size} "
-        f"micro x {t.gradient_accumulation_steps} accumulation x {ws} ranks | peak {peak}"
+        f"micro x {t.gradient_accumulation_steps} accumulation x {ws // p} {'groups' if p > 1 else 'ranks'}"
+        f" | peak {peak}"
     )
 
 

@@ -60,6 +60,7 @@ ALWAYS_ALLOWED = (
     "train.keep_every",
     "train.resume",
     "train.resume_allow_changes",
+    "train.sequence_parallel",  # a layout of the same training (as the world size is)
     "data.val_index",  # the validation loss only observes training
     "train.val_every",
     "train.val_clips",
@@ -549,7 +550,7 @@ class CheckpointManager:
                 "samples_seen": step
                 * t.micro_batch_size
                 * t.gradient_accumulation_steps
-                * self.world.world_size,
+                * (self.world.world_size // t.sequence_parallel),  # a sequence-parallel group: one sample
                 "world_size": self.world.world_size,
                 "zero_stage": t.zero_stage,
                 "precision": t.precision,

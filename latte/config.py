@@ -134,6 +134,10 @@ class TrainConfig:
     # algorithms; slower). Without it a GPU run is repeatable only to rounding: see the README.
     deterministic: bool = False
     zero_stage: str = "2"  # DeepSpeed ZeRO: "2", "3", "3_offload" (ds_configs/*.json) or a path to a JSON
+    # sequence parallelism: groups of P consecutive ranks share each sample (frames split in the spatial
+    # blocks, token positions in the temporal blocks; latte.parallel.sequence); data parallelism across the
+    # groups (world = P x data-parallel size); ZeRO shards over the whole world. 1 = off
+    sequence_parallel: int = 1
     global_batch_size: int | None = None  # optional check: must equal micro x accumulation x data-parallel
     log_every: int = 50  # steps between metric reductions/prints (no per-step host sync)
     # Steps between the ranks' agreement on a stop signal (one gloo all-reduce; a stop waits for the next
@@ -478,6 +482,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     _validate_images(cfg)
     _validate_lora(cfg)
+    _validate_sequence_parallel(cfg, arch)
     if cfg.data.image_size % cfg.data.vae_downsample:
         raise ConfigError(
             f"data.image_size {cfg.data.image_size} is not divisible by the VAE factor "
@@ -534,6 +539,24 @@ def validate(cfg: Config) -> None:
     for key in ("timestep_respacing", "sampling_steps"):
         _check_respacing(f"diffusion.{key}", getattr(cfg.diffusion, key), cfg.diffusion.diffusion_steps)
     _validate_sample(cfg)
+
+
+def _validate_sequence_parallel(cfg: Config, arch) -> None:
+    """train.sequence_parallel P: frames and token positions split evenly over P ranks, clips only."""
+    p = cfg.train.sequence_parallel
+    if p < 1:
+        raise ConfigError(f"train.sequence_parallel must be >= 1 (1 = off), got {p}")
+    if p == 1:
+        return
+    tokens = (cfg.data.latent_size // arch.patch_size) ** 2
+    for what, n in (("data.num_frames", cfg.data.num_frames), ("tokens per frame", tokens)):
+        if n % p:
+            raise ConfigError(f"train.sequence_parallel {p} must divide {what} ({n})")
+    if cfg.data.use_image_num:
+        raise ConfigError(
+            "train.sequence_parallel > 1 takes clips only: data.use_image_num must be 0 (joint training "
+            "under sequence parallelism is not supported yet)"
+        )
 
 
 def _validate_lora(cfg: Config) -> None:

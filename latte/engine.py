@@ -118,12 +118,14 @@ def deepspeed_config(cfg: Config, world_size: int, fp16_supported: bool = True) 
         raise ConfigError(f"DeepSpeed config '{path}': zero_optimization.stage must be 0-3, got {stage!r}")
     t = cfg.train
     micro, accum = t.micro_batch_size, t.gradient_accumulation_steps
-    global_batch = micro * accum * world_size
-    if t.global_batch_size is not None and t.global_batch_size != global_batch:
+    data_parallel = world_size // t.sequence_parallel  # a sequence-parallel group shares its samples
+    if t.global_batch_size is not None and t.global_batch_size != micro * accum * data_parallel:
         raise ConfigError(
             f"train.global_batch_size {t.global_batch_size} != micro_batch_size {micro} x "
-            f"gradient_accumulation_steps {accum} x data-parallel size {world_size} = {global_batch}"
+            f"gradient_accumulation_steps {accum} x data-parallel size {data_parallel} = "
+            f"{micro * accum * data_parallel}"
         )
+    global_batch = micro * accum * world_size  # DeepSpeed's view: every rank is a data-parallel rank
     if t.precision == "fp16" and not fp16_supported:
         raise ConfigError("train.precision fp16 is not supported on this device; use bf16 or fp32")
     ds.update(

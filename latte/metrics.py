@@ -133,7 +133,8 @@ class MetricsLogger:
         if cfg is not None:
             t, d, m = cfg.train, cfg.data, cfg.model
             arch = resolved_arch(cfg)
-            self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+            data_parallel = world_size // t.sequence_parallel  # a sequence-parallel group shares its samples
+            self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel
             if isinstance(arch, LatteT2VArch):  # captions padded to ``caption_tokens`` (the loader's length)
                 out = m.in_channels * (2 if m.learn_sigma else 1)
                 args = (arch, d.num_frames, d.latent_size, caption_tokens, m.in_channels, out)

@@ -6,6 +6,8 @@ differ from one rank's by float32 reassociation only. LatteT2V too, its caption 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from dist import run_ranks
@@ -126,3 +128,45 @@ def test_frames_or_tokens_that_do_not_split_are_one_error():
             y_image=torch.zeros(2, 2, dtype=torch.long),
             sequence=SequenceShard(2, 0),
         )
+
+
+@pytest.mark.slow
+def test_training_with_sp2_follows_one_rank_and_resumes_with_sp1(tmp_path, monkeypatch):
+    """The tiny Latte, micro-batch 8: 2 ranks at train.sequence_parallel 2 (one data-parallel group) train the
+    same global batches as 1 rank; 20 steps end within fp32 rounding of the 1-rank run (module and EMA), and
+    its step-10 checkpoint resumed on 1 rank without SP (a world-size change) ends there too."""
+    import shutil
+
+    import test_checkpoint as ckpt_tests
+    from test_checkpoint import _finish, _one_process, _start
+
+    from latte.checkpoint import tag_for
+
+    monkeypatch.setattr(ckpt_tests, "STEPS", 20)
+    monkeypatch.setattr(ckpt_tests, "EVERY", 10)
+    common = ["train.micro_batch_size=8", "model.class_dropout_prob=0.1"]
+    two = _finish(_start(tmp_path / "sp2", [*common, "train.sequence_parallel=2"]))
+    assert "2 x cpu (sequence parallel 2 x data parallel 1)" in two and "x 1 groups" in two, two[-3000:]
+    steps = ["train.max_steps=20", "train.ckpt_every=10", "train.log_every=10"]
+    one = _one_process(tmp_path / "one", *common, *steps)
+    assert one.returncode == 0, one.stderr[-3000:]
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(tmp_path / "sp2" / "checkpoints" / tag_for(10), resumed_dir / tag_for(10))
+    resumed = _one_process(tmp_path / "resumed", *common, *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 10 (saved by 2 ranks, resharded)" in resumed.stdout, resumed.stdout[-2000:]
+
+    def weights(run: str) -> dict:
+        step = tmp_path / run / "checkpoints" / tag_for(20)
+        module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        return {**module, **{f"ema.{k}": v for k, v in torch.load(step / "ema_consolidated.pt").items()}}
+
+    want = weights("one")
+    for run in ("sp2", "resumed"):
+        got = weights(run)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{run} {key}")
+    meta = json.loads((tmp_path / "sp2" / "checkpoints" / tag_for(20) / "meta.json").read_text())
+    assert meta["samples_seen"] == 20 * 8 and meta["world_size"] == 2

@@ -107,9 +107,11 @@ def validation_loss(
     device: torch.device,
     buckets: int = 10,
     batch_size: int = 10,
+    copies: int = 1,
 ) -> ValidationResult:
     """The validation loss of ``model_fn`` (called as the diffusion calls a model) on ``vset``: every rank
-    calls it (a collective when ``world_size`` > 1) and gets the same result."""
+    calls it (a collective when there is more than one) and gets the same result. ``rank``/``world_size``:
+    the data-parallel place; ``copies``: ranks that compute each clip together (sequence parallelism)."""
     timesteps = bucket_timesteps(diffusion.num_timesteps, buckets)
     sums = torch.zeros(2, buckets, dtype=torch.float64, device=device)  # (loss, mse) x bucket
     per_rank = -(-len(vset) // world_size)  # every rank runs as many clips (padding at weight 0)
@@ -128,8 +130,9 @@ def validation_loss(
             terms = diffusion.training_losses(model_fn, x, t, _repeat(kwargs, len(ks)), noise=noise)
             sums[0, ks] += weight * terms["loss"].double()
             sums[1, ks] += weight * terms["mse"].double()
-    if world_size > 1:
+    if world_size * copies > 1:
         torch.distributed.all_reduce(sums)
+        sums /= copies  # (exact: each group's P ranks hold the same sums)
     means = (sums / len(vset)).cpu().tolist()
     return ValidationResult(timesteps, means[0], means[1], len(vset))
 
@@ -137,8 +140,11 @@ def validation_loss(
 class Validator:
     """The validation loss of a training run (``train.val_every``, ``data.val_index``), raw and EMA."""
 
-    def __init__(self, cfg: Config, world, conditioning, vset: ClipSet) -> None:
+    def __init__(self, cfg: Config, world, conditioning, vset: ClipSet, place=None) -> None:
+        """``place``: the rank's data-parallel place (``latte.parallel.sequence.DataPlace``; None: the
+        world's ranks are the data-parallel ranks)."""
         self.cfg, self.world, self.conditioning, self.vset = cfg, world, conditioning, vset
+        self.place = place
         self._ema_net: torch.nn.Module | None = None
 
     def due(self, done: int) -> bool:
@@ -157,18 +163,24 @@ class Validator:
         """The raw and the EMA weights' validation losses of ``tr`` (a ``latte.training.Training``); a
         collective: every rank calls it."""
         w, t_cfg = self.world, self.cfg.train
-        args = (tr.diffusion, self.conditioning, self.vset, w.rank, w.world_size, w.device)
+        rank, world_size, sequence = w.rank, w.world_size, None
+        if self.place is not None:
+            rank, world_size, sequence = self.place.rank, self.place.world_size, self.place.sequence
+        extra = {} if sequence is None else {"sequence": sequence}
+        args = (tr.diffusion, self.conditioning, self.vset, rank, world_size, w.device)
         sizes = {"buckets": t_cfg.val_buckets, "batch_size": 2 * t_cfg.micro_batch_size}
+        sizes["copies"] = sequence.size if sequence is not None else 1
         module = tr.engine.module
         module.eval()  # (LoRA dropout off; the models have no other train-time behaviour)
         try:
-            raw = validation_loss(tr.model_fn, *args, **sizes)
+            raw = validation_loss(lambda x, t, **kw: tr.model_fn(x, t, **extra, **kw), *args, **sizes)
         finally:
             module.train()
         net = self._ema_module(tr.compute_dtype)
         # the full EMA, gathered from every rank's shard (LoRA: the adapters' EMA on the frozen base)
         load_trained(net, tr.ema.consolidate(), "the EMA")
-        ema = validation_loss(lambda x, t, **kw: call_in(net, tr.compute_dtype, x, t, **kw), *args, **sizes)
+        ema_fn = lambda x, t, **kw: call_in(net, tr.compute_dtype, x, t, **extra, **kw)  # noqa: E731
+        ema = validation_loss(ema_fn, *args, **sizes)
         return {"raw": raw, "ema": ema}
 
     def _ema_module(self, dtype: torch.dtype) -> torch.nn.Module:

@@ -127,10 +127,28 @@ def sequence_groups(size: int) -> SequenceShard:
     return this rank's shard; ``size`` must divide the world size."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if size < 1 or world % size:
-        raise ValueError(f"sequence parallelism over {size} ranks does not divide the world of {world} ranks")
+        raise ValueError(f"sequence parallelism over {size} ranks does not divide the {world} ranks")
     mine = None
     for start in range(0, world, size):
         group = dist.new_group(list(range(start, start + size)))  # every rank makes every group
         if start <= rank < start + size:
             mine = group
     return SequenceShard(size, rank % size, mine)
+
+
+@dataclass(frozen=True)
+class DataPlace:
+    """Where a rank's samples come from under sequence parallelism: its group is one data-parallel rank."""
+
+    rank: int  # the data-parallel rank (the group's index)
+    world_size: int  # the data-parallel size (groups)
+    sequence: SequenceShard | None  # None: sequence parallelism off
+
+
+def data_place(rank: int, world_size: int, size: int, make_groups: bool = True) -> DataPlace:
+    """Rank ``rank`` of ``world_size`` with groups of ``size`` consecutive ranks (``make_groups``: create the
+    process groups, a collective every rank makes; size 1 needs none)."""
+    if size < 1 or world_size % size:
+        raise ValueError(f"sequence parallelism over {size} ranks does not divide the {world_size} ranks")
+    shard = sequence_groups(size) if size > 1 and make_groups else None
+    return DataPlace(rank // size, world_size // size, shard)
