@@ -183,6 +183,9 @@ class SampleConfig:
     negative_prompt: str = ""
     text_encoder: str = ""
     images: bool = False  # text-to-video models: text-to-image (one frame, temporal blocks off), PNGs
+    # sequence parallelism: groups of P ranks denoise each clip together (frames / token positions split
+    # over them, as train.sequence_parallel); the groups share out the samples. 1 = off
+    sequence_parallel: int = 1
 
 
 @dataclass
@@ -604,7 +607,15 @@ def _validate_sample(cfg: Config) -> None:
     if s.sampler:
         _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.precision", s.precision, PRECISIONS)
-    _positive(cfg, ["sample.num_samples", "sample.batch_size", "sample.fps"])
+    _positive(cfg, ["sample.num_samples", "sample.batch_size", "sample.fps", "sample.sequence_parallel"])
+    p = s.sequence_parallel
+    tokens = (cfg.data.latent_size // resolved_arch(cfg).patch_size) ** 2
+    frames = 1 if s.images else cfg.data.num_frames
+    if p > 1 and (frames % p or tokens % p):
+        raise ConfigError(
+            f"sample.sequence_parallel {p} must divide the frames of a clip ({frames}) and the tokens per "
+            f"frame ({tokens})"
+        )
     if s.eta < 0:
         raise ConfigError(f"sample.eta must be >= 0, got {s.eta}")
     if s.total_frames < 0:

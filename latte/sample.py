@@ -37,6 +37,7 @@ from latte.engine import configure_cuda_numerics
 from latte.errors import first_line
 from latte.files import atomic_write
 from latte.models import Latte
+from latte.parallel.sequence import data_place
 from latte.precision import DTYPES
 from latte.rendezvous import world_from_env
 from latte.sampling import decoding, media
@@ -60,6 +61,7 @@ FLAGS = {  # flag -> the config key it sets
     "fps": "sample.fps",
     "total_frames": "sample.total_frames",
     "overlap": "sample.overlap",
+    "sequence_parallel": "sample.sequence_parallel",
 }
 
 
@@ -102,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="frames per video; beyond the model's clip length the video is extended clip by clip",
     )
     p.add_argument("--overlap", type=int, help="latent frames each clip shares with the previous one")
+    p.add_argument(
+        "--sequence-parallel",
+        type=int,
+        help="ranks that denoise each clip together (frames split over them); the groups share the samples",
+    )
     p.add_argument(
         "--lora",
         help="apply a LoRA adapter to the model: a folder from `latte.export --adapter` or a LoRA run's "
@@ -357,19 +364,38 @@ def run(args: argparse.Namespace) -> int:
         f"({device}): {sampler_of(cfg)}, steps {cfg.diffusion.sampling_steps}, cfg scale {s.cfg_scale:g}, "
         f"seed {s.seed}"
     )
+    if ranks.world_size % s.sequence_parallel:
+        raise ConfigError(
+            f"sample.sequence_parallel {s.sequence_parallel} does not divide the {ranks.world_size} ranks"
+        )
     start_group(ranks)  # every check has passed on every rank: nothing below is a user error
+    # sequence parallelism: each group of P ranks is one sampling rank (its CUDA tensors over NCCL)
+    place = data_place(
+        ranks.rank, ranks.world_size, s.sequence_parallel, "nccl" if device.type == "cuda" else None
+    )
+    writes = place.sequence is None or place.sequence.rank == 0  # one rank of a group decodes and writes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     frames: dict[int, np.ndarray] = {}
-    num_batches = len(batches_of(s.num_samples, s.batch_size, ranks.rank, ranks.world_size))
+    num_batches = len(batches_of(s.num_samples, s.batch_size, place.rank, place.world_size))
     with Progress(
         num_batches * steps_per_batch(cfg, diffusion), ranks.is_main and not args.no_progress, "denoising"
     ) as bar:
         mine = rank_samples(
-            model, diffusion, cfg, ranks.rank, ranks.world_size, device, bar.update, conditioning
+            model,
+            diffusion,
+            cfg,
+            place.rank,
+            place.world_size,
+            device,
+            bar.update,
+            conditioning,
+            place.sequence,
         )
         for i, latent in mine:
+            if not writes:
+                continue
             frames[i] = decoder(latent)  # (T, C, h, w) -> (T, H, W, 3) uint8
             if s.images:
                 media.write_png(out / f"sample_{i:04d}.png", frames[i][0])

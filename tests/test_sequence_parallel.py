@@ -170,3 +170,68 @@ def test_training_with_sp2_follows_one_rank_and_resumes_with_sp1(tmp_path, monke
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{run} {key}")
     meta = json.loads((tmp_path / "sp2" / "checkpoints" / tag_for(20) / "meta.json").read_text())
     assert meta["samples_seen"] == 20 * 8 and meta["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_sampling_with_sp2_gives_the_latents_of_one_rank(tmp_path):
+    """``torchrun --nproc_per_node 2 -m latte.sample --sequence-parallel 2``: both ranks denoise every clip
+    together (one group), including a 2-clip long video; the latents equal 1-rank sampling's (within 1e-5)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from test_checkpoint import REPO, _env, _one_process
+
+    from data_pipeline.toy_videos import make_tiny_vae
+    from latte.rendezvous import free_port
+
+    done = _one_process(
+        tmp_path, "train.max_steps=3", "train.ckpt_every=3", "train.log_every=3", resume="none"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    vae = make_tiny_vae(tmp_path / "vae", downsample=8)
+    common = ["--vae", str(vae), "--num-samples", "3", "--steps", "ddim3", "--cfg-scale", "3"]
+    common += ["--total-frames", "6", "--overlap", "2", "--save-latents", "--no-progress"]
+    ckpt = str(tmp_path / "checkpoints")
+    one = subprocess.run(
+        [sys.executable, "-m", "latte.sample", ckpt, "--out", str(tmp_path / "one"), *common],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    two = subprocess.run(
+        [
+            *launch,
+            "-m",
+            "latte.sample",
+            ckpt,
+            "--out",
+            str(tmp_path / "sp"),
+            *common,
+            "--sequence-parallel",
+            "2",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    for i in range(3):
+        a, b = (np.load(tmp_path / d / f"sample_{i:04d}.npy") for d in ("one", "sp"))
+        assert a.shape == (6, 4, 8, 8)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), i
+    assert (tmp_path / "sp" / "grid.mp4").is_file()

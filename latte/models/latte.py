@@ -338,7 +338,13 @@ class Latte(nn.Module):
         return sequence.gather_frames(out) if sequence is not None else out  # SP: all F frames
 
     def forward_with_cfg(
-        self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, attention_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        cfg_scale: float,
+        attention_mask: Tensor | None = None,
+        sequence=None,
     ) -> Tensor:
         """Classifier-free guidance on a doubled batch [cond | uncond] (y's second half = the null class).
 
@@ -347,7 +353,9 @@ class Latte(nn.Module):
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)  # (N, F, C, H, W)
-        out = self.forward(combined, t, y, attention_mask=attention_mask)  # (N, F, C_out, H, W)
+        out = self.forward(
+            combined, t, y, attention_mask=attention_mask, sequence=sequence
+        )  # (N, F, C_out, H, W)
         eps, rest = out[:, :, : self.in_channels], out[:, :, self.in_channels :]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

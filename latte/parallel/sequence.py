@@ -122,15 +122,16 @@ class SequenceShard:
         return got.permute(1, 2, 0, 3, 4).reshape(n, f // p, p * tl, d)  # (N, F/P, T, D)
 
 
-def sequence_groups(size: int) -> SequenceShard:
+def sequence_groups(size: int, backend: str | None = None) -> SequenceShard:
     """Split the world into groups of ``size`` consecutive ranks (a collective: every rank calls it) and
-    return this rank's shard; ``size`` must divide the world size."""
+    return this rank's shard; ``size`` must divide the world size. ``backend``: the groups' (default: the
+    default group's; sampling's default group is gloo, its CUDA tensors need "nccl")."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if size < 1 or world % size:
         raise ValueError(f"sequence parallelism over {size} ranks does not divide the {world} ranks")
     mine = None
     for start in range(0, world, size):
-        group = dist.new_group(list(range(start, start + size)))  # every rank makes every group
+        group = dist.new_group(list(range(start, start + size)), backend=backend)  # every rank, every group
         if start <= rank < start + size:
             mine = group
     return SequenceShard(size, rank % size, mine)
@@ -145,10 +146,10 @@ class DataPlace:
     sequence: SequenceShard | None  # None: sequence parallelism off
 
 
-def data_place(rank: int, world_size: int, size: int, make_groups: bool = True) -> DataPlace:
-    """Rank ``rank`` of ``world_size`` with groups of ``size`` consecutive ranks (``make_groups``: create the
-    process groups, a collective every rank makes; size 1 needs none)."""
+def data_place(rank: int, world_size: int, size: int, backend: str | None = None) -> DataPlace:
+    """Rank ``rank`` of ``world_size`` with groups of ``size`` consecutive ranks (size > 1 creates the process
+    groups: a collective every rank makes)."""
     if size < 1 or world_size % size:
         raise ValueError(f"sequence parallelism over {size} ranks does not divide the {world_size} ranks")
-    shard = sequence_groups(size) if size > 1 and make_groups else None
+    shard = sequence_groups(size, backend) if size > 1 else None
     return DataPlace(rank // size, world_size // size, shard)

@@ -84,7 +84,9 @@ class Denoiser:
                 kwargs = {k: torch.cat([v, cond.null[k]]) for k, v in cond.kwargs.items()}  # (2N, ...)
                 t2 = torch.cat([t, t])  # (2N,)
                 if hasattr(self.model, "forward_with_cfg"):  # class-conditional: the original's eps-only rule
-                    out = self.model.forward_with_cfg(doubled, t2, cfg_scale=self.cfg_scale, **kwargs)
+                    out = self.model.forward_with_cfg(
+                        doubled, t2, cfg_scale=self.cfg_scale, **kwargs, **self.options
+                    )
                     out = out[: len(x)]
                 else:  # text-to-video: every channel, as LattePipeline mixes them
                     both = self.model(doubled, t2, **kwargs, **self.options)  # (2N, F, C_out, H, W)
@@ -101,14 +103,19 @@ def sample_batch(
     device: torch.device,
     on_step: Callable[[], None] | None = None,
     conditioning: Conditioning | None = None,
+    sequence=None,
 ) -> list[torch.Tensor]:
     """Latents of samples ``indices``, sampled together: the clips of each (N, F, C, h, w), the first one
     unconditioned, each next one sharing its first ``overlap`` frames with the previous one. Stitch them with
     ``long_video.stitch``. ``on_step`` is called after every denoising step. ``conditioning``: the model's
-    (``conditioning_of(cfg.model)`` by default; a text-to-video one carries the encoded prompts)."""
+    (``conditioning_of(cfg.model)`` by default; a text-to-video one carries the encoded prompts).
+    ``sequence``: sequence parallelism (every rank of the group runs the same samples, each denoising step
+    split over them; ``latte.parallel.sequence``)."""
     s = cfg.sample
     condition = (conditioning or conditioning_of(cfg.model)).for_samples(s, indices, device)
     options = {"enable_temporal_attentions": False} if s.images else {}  # text-to-image: frames apart
+    if sequence is not None:
+        options["sequence"] = sequence
     denoiser = Denoiser(model, condition, s.cfg_scale, s.precision, options)
     generators = [sample_generator(s.seed, i, device) for i in indices]
     size = cfg.data.latent_size
@@ -139,10 +146,12 @@ def rank_samples(
     device: torch.device,
     on_step: Callable[[], None] | None = None,
     conditioning: Conditioning | None = None,
+    sequence=None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, latents (T, C, h, w)) of every sample ``rank`` of ``world_size`` generates, batch by batch."""
+    """(index, latents (T, C, h, w)) of every sample ``rank`` of ``world_size`` generates, batch by batch
+    (with ``sequence``: ``rank``/``world_size`` are the data-parallel place, the group's samples)."""
     for indices in batches_of(cfg.sample.num_samples, cfg.sample.batch_size, rank, world_size):
-        latents = sample_latents(model, diffusion, cfg, indices, device, on_step, conditioning)
+        latents = sample_latents(model, diffusion, cfg, indices, device, on_step, conditioning, sequence)
         yield from zip(indices, latents, strict=True)
 
 
@@ -154,7 +163,8 @@ def sample_latents(
     device: torch.device,
     on_step: Callable[[], None] | None = None,
     conditioning: Conditioning | None = None,
+    sequence=None,
 ) -> torch.Tensor:
     """Latents (N, T, C, h, w) of samples ``indices``, T = ``sample.total_frames`` (or the clip length)."""
-    clips = sample_batch(model, diffusion, cfg, indices, device, on_step, conditioning)
+    clips = sample_batch(model, diffusion, cfg, indices, device, on_step, conditioning, sequence)
     return stitch(clips, overlap_of(cfg), total_frames(cfg))
