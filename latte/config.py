@@ -552,13 +552,14 @@ def _validate_sequence_parallel(cfg: Config, arch) -> None:
     if p == 1:
         return
     tokens = (cfg.data.latent_size // arch.patch_size) ** 2
-    for what, n in (("data.num_frames", cfg.data.num_frames), ("tokens per frame", tokens)):
+    counts = (("data.num_frames", cfg.data.num_frames), ("tokens per frame", tokens))
+    for what, n in (*counts, ("data.use_image_num", cfg.data.use_image_num)):
         if n % p:
             raise ConfigError(f"train.sequence_parallel {p} must divide {what} ({n})")
-    if cfg.data.use_image_num:
+    if cfg.data.use_image_num and caption_channels_of(cfg.model):
         raise ConfigError(
-            "train.sequence_parallel > 1 takes clips only: data.use_image_num must be 0 (joint training "
-            "under sequence parallelism is not supported yet)"
+            "train.sequence_parallel > 1 with data.use_image_num > 0 is supported for the class-conditional "
+            "Latte, not yet for the text-to-video model"
         )
 
 

@@ -20,6 +20,7 @@ CASES = {  # name: (model kwargs, forward kwargs)
     "sdpa": ({"attention": "sdpa"}, {}),
     "math + mask + checkpointing": ({"attention": "math", "gradient_checkpointing": True}, {"mask": True}),
     "T2V, caption mask": ({"t2v": True, "attention": "sdpa"}, {"mask": True}),
+    "joint: 4 frames + 2 images, mask": ({"attention": "sdpa"}, {"mask": True, "images": True}),
 }
 
 
@@ -47,7 +48,7 @@ def _model(t2v: bool = False, **kwargs):
     return model.train()
 
 
-def _inputs(mask: bool = False, t2v: bool = False) -> dict:
+def _inputs(mask: bool = False, t2v: bool = False, images: bool = False) -> dict:
     g = torch.Generator().manual_seed(2)
     if t2v:
         kwargs = {
@@ -66,13 +67,22 @@ def _inputs(mask: bool = False, t2v: bool = False) -> dict:
     }
     if mask:
         kwargs["attention_mask"] = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    if images:  # video-image joint training: 2 images after the 4 frames, each with its label
+        kwargs["x"] = torch.cat([kwargs["x"], torch.randn(2, 2, 4, 16, 16, generator=g)], dim=1)
+        kwargs.update(
+            use_image_num=2, y_image=torch.tensor([[2, 3], [4, 5]]), force_drop_image_ids=torch.tensor([1, 0])
+        )
+        if mask:
+            kwargs["attention_mask"] = torch.cat(
+                [kwargs["attention_mask"], torch.ones(2, 2, dtype=torch.bool)], 1
+            )
     return kwargs
 
 
-def _forward_backward(model, sequence=None, mask: bool = False) -> dict:
+def _forward_backward(model, sequence=None, mask: bool = False, images: bool = False) -> dict:
     from latte.models import LatteT2V
 
-    inputs = _inputs(mask, isinstance(model, LatteT2V))
+    inputs = _inputs(mask, isinstance(model, LatteT2V), images)
     out = model(**inputs, sequence=sequence)  # (N, F, 2C, h, w)
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # a loss every rank shares
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -121,13 +131,10 @@ def test_frames_or_tokens_that_do_not_split_are_one_error():
         ValueError, match="^sequence parallelism over 2 ranks needs frames divisible by 2, got 3$"
     ):
         model(**inputs, sequence=SequenceShard(2, 0))
-    with pytest.raises(ValueError, match="clips only"):
-        model(
-            **_inputs(),
-            use_image_num=2,
-            y_image=torch.zeros(2, 2, dtype=torch.long),
-            sequence=SequenceShard(2, 0),
-        )
+    inputs = _inputs(images=True)
+    inputs.update(x=inputs["x"][:, :5], use_image_num=1, y_image=inputs["y_image"][:, :1])
+    with pytest.raises(ValueError, match="needs images divisible by 2, got 1$"):
+        model(**inputs, sequence=SequenceShard(2, 0))
 
 
 @pytest.mark.slow

@@ -255,8 +255,8 @@ class Latte(nn.Module):
         image labels of a sample, or (N, K) per image (label dropout drawn by the caller, e.g. per global
         sample in training; without it a training-mode forward draws the dropout itself).
         sequence: sequence parallelism (``latte.parallel.sequence.SequenceShard``; None = off): every rank of
-        the group passes the same inputs, computes its F/P frames in the spatial blocks and its T/P token
-        positions in the temporal blocks, and returns the whole output (clips only, K = 0).
+        the group passes the same inputs, computes its F/P frames (and K/P images) in the spatial blocks and
+        its T/P token positions in the temporal blocks, and returns the whole output.
         Returns (N, F+K, C_out, H, W).
         """
         n, frames, ch, h, w = x.shape
@@ -273,14 +273,14 @@ class Latte(nn.Module):
                 f"input latents are {ch}x{h}x{w}; the model expects {self.in_channels}x{self.input_size}²"
             )
         num_tokens = self.x_embedder.num_patches
-        local = slice(None)  # the frames (and token positions) this rank computes: all, without SP
-        if sequence is not None:
-            if k:
-                raise ValueError("sequence parallelism takes clips only (use_image_num 0)")
-            sequence.check(f, num_tokens)
-            local = sequence.part(f)
-            frames = f = f // sequence.size
-            x = x[:, local]  # (N, F/P, C, H, W): this rank's frames
+        all_frames, all_images = f, k  # F and K; with SP below, f and k count this rank's share
+        local: slice | Tensor = slice(None)  # the frames of x this rank computes: all, without SP
+        if sequence is not None:  # rank r: video frames [r F/P, (r+1) F/P) and images [r K/P, (r+1) K/P)
+            sequence.check(f, num_tokens, k)
+            local = torch.cat([torch.arange(f)[sequence.part(f)], torch.arange(f, frames)[sequence.part(k)]])
+            f, k = f // sequence.size, k // sequence.size
+            frames = f + k
+            x = x[:, local]  # (N, F/P + K/P, C, H, W): this rank's frames
         latents = rearrange(x, "n f c h w -> (n f) c h w")  # (N*(F+K), C, H, W)
         tokens = self.x_embedder(latents) + self.pos_embed  # (N*(F+K), T, D)
         x = rearrange(tokens, "(n f) t d -> n f t d", n=n)  # (N, F+K, T, D)
@@ -291,13 +291,16 @@ class Latte(nn.Module):
         if self.num_classes:
             if y is None:
                 raise ValueError("class-conditional Latte needs labels y")
-            if (k or y_image is not None) and (y_image is None or tuple(y_image.shape) != (n, k)):
+            if (k or y_image is not None) and (y_image is None or tuple(y_image.shape) != (n, all_images)):
                 got = None if y_image is None else tuple(y_image.shape)
-                raise ValueError(f"y_image must hold the labels of the images, (N, K) = {(n, k)}, got {got}")
+                want = (n, all_images)
+                raise ValueError(f"y_image must hold the labels of the images, (N, K) = {want}, got {got}")
             y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
             y_frames = repeat(y_emb, "n d -> n f d", f=f)  # (N, F, D): the clip's label on its frames
             if k:  # each image its own label, from the same table (with a dropout draw of its own)
                 images = self.y_embedder(y_image, self.training, force_drop_image_ids)  # (N, K, D)
+                if sequence is not None:
+                    images = images[:, sequence.part(all_images)]  # (N, K/P, D): this rank's images
                 y_frames = torch.cat([y_frames, images], dim=1)  # (N, F+K, D)
             y_tokens = repeat(y_emb, "n d -> n s d", s=temporal_tokens)  # (N, T, D)
 
@@ -310,10 +313,11 @@ class Latte(nn.Module):
         c_spatial = per_sequence(y_frames, frames)  # (N*(F+K), D), the final layer's too
         c_temporal = per_sequence(y_tokens, temporal_tokens)  # (N*T, D): the clip's, images take no part
 
-        all_frames = f * (sequence.size if sequence is not None else 1)  # the temporal blocks see all F
-        spatial_mask = temporal_mask = None
+        spatial_mask = temporal_mask = None  # (the temporal blocks see all F frames)
         if attention_mask is not None:
-            token_mask = self._token_mask(attention_mask, n, all_frames + k, num_tokens)  # (N, F+K, T)
+            token_mask = self._token_mask(
+                attention_mask, n, all_frames + all_images, num_tokens
+            )  # (N, F+K, T)
             spatial_mask = token_mask[:, local]  # (N, F+K, T); SP: this rank's frames
             temporal_mask = token_mask[:, :all_frames].transpose(1, 2)  # (N, T, F)
             if sequence is not None:
@@ -335,7 +339,13 @@ class Latte(nn.Module):
 
         x = self.final_layer(x, c_spatial)  # (N, F+K, T, p*p*C_out)
         out = self.unpatchify(x)  # (N, F+K, C_out, H, W)
-        return sequence.gather_frames(out) if sequence is not None else out  # SP: all F frames
+        if sequence is None:
+            return out
+        out = sequence.gather_frames(out)  # (N, P (F/P + K/P), C_out, H, W): each rank's frames, then images
+        if not k:
+            return out
+        per_rank = out.unflatten(1, (sequence.size, f + k))  # (N, P, F/P + K/P, C_out, H, W)
+        return torch.cat([per_rank[:, :, :f].flatten(1, 2), per_rank[:, :, f:].flatten(1, 2)], dim=1)
 
     def forward_with_cfg(
         self,

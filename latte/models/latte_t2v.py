@@ -378,7 +378,7 @@ class LatteT2V(nn.Module):
         """
         if use_image_num:
             if sequence is not None:
-                raise ValueError("sequence parallelism takes clips only (use_image_num 0)")
+                raise ValueError("sequence parallelism in LatteT2V takes clips only (use_image_num 0)")
             return self._forward_joint(x, t, encoder_hidden_states, encoder_attention_mask, use_image_num)
         temporal_on = enable_temporal_attentions
         mask = self._check_inputs(x, encoder_hidden_states, encoder_attention_mask, temporal_on)

@@ -84,9 +84,9 @@ class SequenceShard:
     rank: int
     group: object = None
 
-    def check(self, frames: int, tokens: int) -> None:
-        """F and T must split evenly over the group (one line naming which does not)."""
-        for what, n in (("frames", frames), ("tokens per frame", tokens)):
+    def check(self, frames: int, tokens: int, images: int = 0) -> None:
+        """F, T (and K images) must split evenly over the group (one line naming which does not)."""
+        for what, n in (("frames", frames), ("tokens per frame", tokens), ("images", images)):
             if n % self.size:
                 raise ValueError(
                     f"sequence parallelism over {self.size} ranks needs {what} divisible by {self.size}, "
