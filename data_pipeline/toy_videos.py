@@ -144,15 +144,22 @@ def make_tiny_vae(directory: str | Path, seed: int = 0, downsample: int = 2):
     channels. Its config's scaling_factor is diffusers' default, 0.18215. No real VAE weights exist offline;
     the factor-2 one encodes (2, 3, 64, 64) in a few ms."""
     import torch
-    from diffusers import AutoencoderKL
 
     blocks = {2: (32, 64), 8: (32, 32, 64, 64)}
     if downsample not in blocks:
         raise ValueError(f"tiny VAE downsample must be one of {sorted(blocks)}, got {downsample}")
-    channels = blocks[downsample]
     directory = Path(directory)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    tiny_vae(blocks[downsample]).save_pretrained(directory)
+    return directory
+
+
+def tiny_vae(channels: tuple[int, ...], norm_groups: int = 32, sample_size: int = 64):
+    """A freshly initialised small ``AutoencoderKL``: one block per entry of ``channels`` (downsampling
+    2 ** (len - 1)), one layer per block, 4 latent channels (the SD VAE's layout at toy width)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
@@ -160,11 +167,9 @@ def make_tiny_vae(directory: str | Path, seed: int = 0, downsample: int = 2):
         block_out_channels=channels,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
+        norm_num_groups=norm_groups,
+        sample_size=sample_size,
     )
-    vae.save_pretrained(directory)
-    return directory
 
 
 # captions of the class videos (the text-to-video demo): what each clip shows, e.g. "a red square moving left"

@@ -1,21 +1,24 @@
 """The main job end to end on embedded defaults, through the real command lines:
 
 1. make real mp4 clips: 4 classes of a moving square, the class sets the direction (UCF101-style folders);
-2. shard them: ``python -m data_pipeline.shard_latents`` with a tiny random VAE (or ``--vae``) into a local
-   directory (or, with ``--s3``, a local SeaweedFS S3 server) as WebDataset tars + index.json;
+2. shard them: ``python -m data_pipeline.shard_latents`` with the tiny VAE trained on toy frames
+   (``assets/toy_vae``, from ``scripts/train_toy_vae.py``; or ``--vae``) into a local directory (or, with
+   ``--s3``, a local SeaweedFS S3 server) as WebDataset tars + index.json;
 3. train ``Latte-T/2`` on them with DeepSpeed ZeRO-2 on 2 ranks (CPU gloo ranks without a GPU, every GPU
    with one), streaming the shards: the first half of the steps, a checkpoint, then a second launch that
    resumes from it and finishes;
 4. sample videos with the EMA weights: one mp4 per class, a grid mp4 + GIF, and one long video extended clip
-   by clip past the trained length.
+   by clip past the trained length; then measure whether the model learned the data: of 4 more videos per
+   class, the fraction whose square moves in their class's direction (``data_pipeline.toy_motion``; and of
+   the real clips, the ceiling), and a PNG strip of the frames of one of them per class.
 
 With ``--t2v``, the text-to-video path instead (in ``OUT/t2v/``, on the same clips): each clip captioned by
 what it shows ("a green square moving left") in a JSONL manifest, sharded with the latents and a tiny random
 T5's caption embeddings (``--text-encoder``), ``LatteT2V-T/2`` trained the same way (configs/tiny_t2v.yaml,
 100 steps by default), then sampled from two prompts with classifier-free guidance.
 
-    python scripts/demo.py [--out demo_output] [--vae PATH_OR_HUB_ID] [--steps 300] [--s3] [--t2v]
-                           [-- KEY=VALUE ...]
+    python scripts/demo.py [--out demo_output] [--vae PATH_OR_HUB_ID|random] [--steps 300] [--seed 0]
+                           [--s3] [--t2v] [-- KEY=VALUE ...]
 
 Stopped by SIGINT (Ctrl-C), SIGTERM or SIGHUP, it stops the running stage and the S3 server, prints
 ``demo: stopped by SIGNAL`` and exits with 128 + the signal's number.
@@ -43,6 +46,12 @@ sys.path.insert(0, str(REPO))
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STAGE_GRACE = 30.0  # seconds a stage's processes get to end on SIGTERM before SIGKILL (ranks checkpoint)
 T2V_STEPS = 100  # --t2v's default steps (its loss falls about as far as the class model's in 300)
+TOY_VAE = REPO / "assets" / "toy_vae"  # the default VAE: trained on toy frames (scripts/train_toy_vae.py)
+CLIPS = {"num_frames": 4, "frame_interval": 3, "clips_per_video": 4, "image_size": 64}  # windows per video
+PER_CLASS = 4  # generated videos per class that the direction check measures
+# their guidance (the reference's scale on UCF101): after 3000 steps at batch 64, 0.53 of 64 videos move in
+# their class's direction with it, 0.44 with 4
+CFG_SCALE = 7.0
 
 
 class Stopped(BaseException):  # (not an Exception: no `except Exception` may swallow it)
@@ -139,6 +148,7 @@ def local_s3(out: Path) -> Iterator[dict[str, str]]:
 
 def shard_command(src: str, latents: str, vae: str, *extra: str) -> list[str]:
     """``python -m data_pipeline.shard_latents`` on the demo's clips: 4 windows of 4 frames per video."""
+    windows = [f"--{key.replace('_', '-')}={value}" for key, value in CLIPS.items()]
     return [
         sys.executable,
         "-m",
@@ -150,14 +160,7 @@ def shard_command(src: str, latents: str, vae: str, *extra: str) -> list[str]:
         "--vae",
         vae,
         *extra,
-        "--num-frames",
-        "4",
-        "--frame-interval",
-        "3",
-        "--clips-per-video",
-        "4",
-        "--image-size",
-        "64",
+        *windows,
         "--samples-per-shard",
         "24",
         "--workers",
@@ -210,6 +213,7 @@ def train_stage(args, env: dict[str, str], index: str, out: Path, steps: int, re
         "train.zero_stage=2",
         f"train.results_dir={out / 'runs'}",
         f"train.resume={resume}",
+        f"train.seed={args.seed}",
         *args.overrides,
     ]
     text = run(cmd, env, log)
@@ -222,10 +226,15 @@ def train_stage(args, env: dict[str, str], index: str, out: Path, steps: int, re
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("LATTE_DEMO_DIR", str(REPO / "demo_output")))
-    parser.add_argument("--vae", help="an AutoencoderKL directory or hub id; default: a tiny random one")
+    parser.add_argument(
+        "--vae",
+        help="an AutoencoderKL directory or hub id, or 'random' (a tiny random-weight one); default: "
+        "assets/toy_vae, trained on toy frames",
+    )
     parser.add_argument(
         "--steps", type=int, help="training steps (a checkpoint at half); default 300, with --t2v 100"
     )
+    parser.add_argument("--seed", type=int, default=0, help="the training and sampling seed (default 0)")
     parser.add_argument("--s3", action="store_true", help="shards on a local SeaweedFS S3 server, not a dir")
     parser.add_argument(
         "--t2v", action="store_true", help="text-to-video: captioned clips, a tiny T5, LatteT2V-T/2, prompts"
@@ -245,7 +254,7 @@ def main() -> None:
 
     import torch
 
-    from data_pipeline.toy_videos import make_class_videos, make_tiny_vae
+    from data_pipeline.toy_videos import make_class_videos
 
     start = time.perf_counter()
     gpus = torch.cuda.device_count()
@@ -260,7 +269,7 @@ def main() -> None:
         if args.s3:
             env.update(services.enter_context(local_s3(out)))
             latents = "s3://demo/latents"
-        vae = args.vae or str(make_tiny_vae(out / "tiny_vae", downsample=8))
+        vae = demo_vae(args, out)
         shard_cmd = shard_command(str(out / "videos"), latents, vae)
         summary = run(shard_cmd, env, out / "shard.log").strip().splitlines()[-1]
         print(f"[2/4] sharded into {latents} with VAE {vae}: {summary}", flush=True)
@@ -273,11 +282,15 @@ def main() -> None:
         latest = (ckpt / "latest").read_text().strip()
         print(f"[4/4] sampling with the EMA weights of {ckpt / latest}", flush=True)
         sample = [sys.executable, "-m", "latte.sample", str(ckpt), "--vae", vae, "--no-progress"]
+        sample += ["--seed", str(args.seed)]
         run(
             [*sample, "--out", str(samples), "--num-samples", "4", "--classes", "0,1,2,3"],
             env,
             out / "sample.log",
         )
+        direction = [*sample, "--out", str(samples / "direction"), "--classes", "0,1,2,3", "--batch-size=16"]
+        direction += ["--num-samples", str(4 * PER_CLASS), "--cfg-scale", str(CFG_SCALE)]
+        run(direction, env, out / "sample_direction.log")
         run(
             [
                 *sample,
@@ -296,6 +309,7 @@ def main() -> None:
             out / "sample_long.log",
         )
 
+    print(direction_check(videos, samples / "direction", samples / "strip.png"), flush=True)
     run_dir = re.search(r"run dir (\S+)", first)
     print(
         f"\ndataset:     {index}"
@@ -305,8 +319,65 @@ def main() -> None:
         print(f"TensorBoard: tensorboard --logdir {run_dir.group(1)}/tensorboard")
     print(f"checkpoints: {ckpt} (latest: {latest})")
     print(f"videos:      {samples}/sample_000*.mp4, {samples}/grid.mp4, {samples}/grid.gif (classes 0-3)")
+    print(
+        f"direction:   {samples / 'direction'}/ ({4 * PER_CLASS} videos, sample i of class i % 4, cfg scale "
+        f"{CFG_SCALE:g}); {samples / 'strip.png'}: the frames of one per class (rows: right, down, left, up)"
+    )
     print(f"long video:  {samples / 'long'}/sample_0000.mp4 (16 frames from a 4-frame model, clip by clip)")
     print(f"logs:        {out}/*.log; took {time.perf_counter() - start:.0f} s")
+
+
+def demo_vae(args, out: Path) -> str:
+    """--vae; ``random``: a tiny random-weight VAE made in ``out``; by default the toy-trained one."""
+    if args.vae == "random":  # (decodes noise-like videos: nothing to see, but nothing to load either)
+        from data_pipeline.toy_videos import make_tiny_vae
+
+        return str(make_tiny_vae(out / "tiny_vae", downsample=8))
+    return args.vae or str(TOY_VAE)
+
+
+def direction_check(videos: list[Path], samples: Path, strip: Path) -> str:
+    """The measured check that the model learned the data: the fraction of generated videos (``samples``,
+    classes from its samples.json) whose square moves in their class's direction, and of the windows of the
+    real clips ``videos`` the model was trained on (the ceiling); writes ``strip``, the frames of one
+    generated video per class. Returns the line to print."""
+    from data_pipeline.toy_motion import direction_accuracy, read_frames, uint8_frames
+    from data_pipeline.video import ClipSpec, read_clips
+
+    spec = ClipSpec(**CLIPS)
+    real, real_classes = [], []
+    for path in videos:  # class_k/vNN.mp4
+        for clip in read_clips(str(path), spec).pixels:  # (F, 3, S, S) each, as the sharding job read it
+            real.append(uint8_frames(clip.numpy()))
+            real_classes.append(int(path.parent.name.removeprefix("class_")))
+    rows = json.loads((samples / "samples.json").read_text())["samples"]
+    generated = [read_frames(samples / row["video"]) for row in rows]
+    classes = [row["class"] for row in rows]
+    accuracy = direction_accuracy(generated, classes)
+    ceiling = direction_accuracy(real, real_classes)
+    first = [generated[classes.index(k)] for k in sorted(set(classes))]  # one video per class
+    write_strip(strip, first)
+    return (
+        f"    direction accuracy: {accuracy:.2f} of {len(generated)} generated videos move in their class's "
+        f"direction (real clips: {ceiling:.2f} of {len(real)}; chance 0.25)"
+    )
+
+
+def write_strip(path: Path, videos: list, scale: int = 2, pad: int = 2) -> Path:
+    """One PNG of ``videos`` ((T, H, W, 3) uint8, one size): a row per video, its frames left to right,
+    ``scale`` times larger, ``pad`` white pixels between them."""
+    import numpy as np
+
+    from latte.sampling.media import write_png
+
+    t, h, w, _ = videos[0].shape
+    side = scale * h + pad, scale * w + pad
+    image = np.full((len(videos) * side[0] + pad, t * side[1] + pad, 3), 255, np.uint8)
+    for r, video in enumerate(videos):
+        for c, frame in enumerate(video):
+            y, x = pad + r * side[0], pad + c * side[1]
+            image[y : y + scale * h, x : x + scale * w] = frame.repeat(scale, 0).repeat(scale, 1)
+    return write_png(path, image)
 
 
 @contextlib.contextmanager
@@ -336,7 +407,7 @@ def main_t2v(args, out: Path, env: dict[str, str]) -> None:
     import torch
 
     from data_pipeline.toy_text import make_tiny_t5
-    from data_pipeline.toy_videos import class_video_caption, make_captioned_videos, make_tiny_vae
+    from data_pipeline.toy_videos import class_video_caption, make_captioned_videos
 
     start = time.perf_counter()
     work = out / "t2v"
@@ -359,7 +430,7 @@ def main_t2v(args, out: Path, env: dict[str, str]) -> None:
         if args.s3:
             env.update(services.enter_context(local_s3(out)))
             latents = "s3://demo/t2v/latents"
-        vae = args.vae or str(make_tiny_vae(out / "tiny_vae", downsample=8))
+        vae = demo_vae(args, out)
         with output_to(work / "tiny_t5.log"):  # (the tokenizer trainer's and save_pretrained's progress bars)
             t5 = str(make_tiny_t5(work / "tiny_t5", width=32))
         shard_cmd = shard_command(str(manifest), latents, vae, "--text-encoder", t5)
@@ -375,6 +446,7 @@ def main_t2v(args, out: Path, env: dict[str, str]) -> None:
         prompts = [class_video_caption(2, 0), class_video_caption(3, 0)]  # captions of clips moving left, up
         print(f"[4/4] sampling with the EMA weights of {ckpt / latest} from {prompts}", flush=True)
         sample = [sys.executable, "-m", "latte.sample", str(ckpt), "--vae", vae, "--no-progress"]
+        sample += ["--seed", str(args.seed)]
         for prompt in prompts:  # the text encoder: the one the dataset's index names
             sample += ["--prompt", prompt]
         sample += ["--out", str(samples), "--num-samples", "2", "--cfg-scale", "4"]
