@@ -237,8 +237,8 @@ def _train(
 def _run_line(cfg: Config, run_dir: Path | None, training, metrics) -> str:
     t, ws = cfg.train, metrics.world_size
     peak = f"{metrics.peak:.3g} FLOP/s" if metrics.peak else "n/a"
-    p = t.sequence_parallel
-    sp = f" (sequence parallel {p} x data parallel {ws // p})" if p > 1 else ""
+    p, dp = t.sequence_parallel, t.data_parallel_size(ws)
+    sp = f" (sequence parallel {p} x data parallel {dp})" if p > 1 else ""
     params = f"{training.n_params / 1e6:.2f}M params"
     lora = cfg.model.lora
     if lora.rank:
@@ -249,7 +249,7 @@ def _run_line(cfg: Config, run_dir: Path | None, training, metrics) -> str:
     return (
         f"run dir {run_dir} | {cfg.model.name} {params} | {ws} x {metrics.device_name}{sp} | "
         f"{t.precision} | ZeRO {t.zero_stage} | global batch {metrics.global_batch} = {t.micro_batch_size} "
-        f"micro x {t.gradient_accumulation_steps} accumulation x {ws // p} {'groups' if p > 1 else 'ranks'}"
+        f"micro x {t.gradient_accumulation_steps} accumulation x {dp} {'groups' if p > 1 else 'ranks'}"
         f" | peak {peak}"
     )
 

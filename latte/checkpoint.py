@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from latte import lora
 from latte.base_weights import base_identity
 from latte.config import Config, ConfigError, flatten, resolve_saved
 from latte.files import atomic_write
@@ -246,16 +247,10 @@ def config_changes(saved: dict[str, Any], current: Config) -> list[str]:
     ]
 
 
-def adapters_only(cfg: Config) -> bool:
-    """LoRA: the checkpoint holds the adapters (weights, optimizer, EMA), not the frozen base."""
-    return cfg.model.lora.rank > 0
-
-
-def base_changed(meta: dict[str, Any], current: Config) -> str | None:
-    """Why a LoRA checkpoint cannot resume on ``current``'s base weights (their bytes differ from those it
-    recorded), or None."""
-    saved = meta.get("base")
-    if not adapters_only(current) or not saved:
+def base_changed(saved: dict[str, str] | None, current: Config) -> str | None:
+    """Why a LoRA checkpoint whose ``meta.json`` recorded the base ``saved`` (``{"path", "sha256"}``) cannot
+    run on ``current``'s base weights (their bytes differ), or None."""
+    if not lora.enabled(current.model.lora) or not saved:
         return None
     now = base_identity(current.model.init_from)
     if now["sha256"] == saved["sha256"]:
@@ -465,7 +460,7 @@ class CheckpointManager:
                 f"checkpoint {path.name} holds another architecture ({mismatch}): it cannot resume this "
                 f"config; start fresh (train.resume=none, or another train.ckpt_dir)"
             )
-        base_change = base_changed(meta, self.cfg)
+        base_change = base_changed(meta.get("base"), self.cfg)
         if base_change:
             raise CheckpointError(f"checkpoint {path.name} {base_change}")
         if meta["world_size"] != self.world.world_size:
@@ -478,9 +473,13 @@ class CheckpointManager:
         engine, ema, data = state.engine, state.ema, state.data
         ds_tag = universal_dir(path).name if self.reshard else path.name
         # LoRA: the module state holds the adapters; the frozen base is init_from's, as built
-        lora = {"load_module_strict": False} if adapters_only(self.cfg) else {}
+        adapters = {"load_module_strict": False} if lora.enabled(self.cfg.model.lora) else {}
         load_path, _ = engine.load_checkpoint(
-            str(path.parent), tag=ds_tag, load_optimizer_states=True, load_lr_scheduler_states=True, **lora
+            str(path.parent),
+            tag=ds_tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            **adapters,
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state in {path.parent / ds_tag}")
@@ -534,9 +533,9 @@ class CheckpointManager:
                 shutil.rmtree(step_dir)
             step_dir.mkdir(parents=True)
         self._barrier()
-        lora = {"exclude_frozen_parameters": True} if adapters_only(self.cfg) else {}  # LoRA: not the base
+        frozen_out = {"exclude_frozen_parameters": True} if lora.enabled(self.cfg.model.lora) else {}
         engine.save_checkpoint(
-            str(self.dir), tag=step_dir.name, client_state={"step": step}, save_latest=False, **lora
+            str(self.dir), tag=step_dir.name, client_state={"step": step}, save_latest=False, **frozen_out
         )
         own = {"ema": ema.state_dict(), "rng": rng, "data": data.state_dict(), "step": step}
         own.update({name: obj.state_dict() for name, obj in state.extra.items()})
@@ -550,7 +549,7 @@ class CheckpointManager:
                 "samples_seen": step
                 * t.micro_batch_size
                 * t.gradient_accumulation_steps
-                * (self.world.world_size // t.sequence_parallel),  # a sequence-parallel group: one sample
+                * t.data_parallel_size(self.world.world_size),
                 "world_size": self.world.world_size,
                 "zero_stage": t.zero_stage,
                 "precision": t.precision,
@@ -559,7 +558,7 @@ class CheckpointManager:
                 "dataset": dataset_record(self.cfg, data),  # the VAE and scaling factor of the latents
                 "config": self.cfg.to_dict(),
             }
-            if adapters_only(self.cfg):  # the frozen base the adapters belong to: path + sha256
+            if lora.enabled(self.cfg.model.lora):  # the frozen base the adapters belong to: path + sha256
                 meta["base"] = base_identity(self.cfg.model.init_from)
             _write_text(step_dir / META, json.dumps(meta, indent=1))
         self._barrier()  # every rank's files are written

@@ -157,6 +157,11 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept (the newest ones); `latest` is never removed
     keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this (None: none)
     resume: str = "auto"  # auto (newest complete checkpoint in ckpt_dir, else fresh) | none | a step/ckpt dir
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel ranks of ``world_size`` ranks: a sequence-parallel group shares its samples."""
+        return world_size // self.sequence_parallel
+
     # Config keys that may differ from the checkpoint's on resume, beyond the always-allowed ones
     # (train.max_steps, log_every, ckpt_every, results_dir, ckpt_dir, keep_*, resume*), e.g. [train.lr].
     resume_allow_changes: list[str] = field(default_factory=list)

@@ -118,7 +118,7 @@ def deepspeed_config(cfg: Config, world_size: int, fp16_supported: bool = True) 
         raise ConfigError(f"DeepSpeed config '{path}': zero_optimization.stage must be 0-3, got {stage!r}")
     t = cfg.train
     micro, accum = t.micro_batch_size, t.gradient_accumulation_steps
-    data_parallel = world_size // t.sequence_parallel  # a sequence-parallel group shares its samples
+    data_parallel = t.data_parallel_size(world_size)
     if t.global_batch_size is not None and t.global_batch_size != micro * accum * data_parallel:
         raise ConfigError(
             f"train.global_batch_size {t.global_batch_size} != micro_batch_size {micro} x "

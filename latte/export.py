@@ -45,8 +45,8 @@ def export(
     source, out = Path(source), Path(out)
     if out.suffix not in (".pt", ".safetensors"):
         raise ckpt.CheckpointError(f"output '{out}' must end in .pt or .safetensors")
-    step_dir = _step_dir(source, step)
-    lora_model = _lora_model(step_dir)  # first: a LoRA checkpoint's base is checked before any reading
+    step_dir, meta, cfg = _checkpoint(source, step)
+    lora_model = _lora_model(step_dir, meta, cfg)  # first: a LoRA checkpoint's base is checked
     weights = {"ema": _weights(step_dir, "ema")}
     if not ema_only:
         weights["model"] = _weights(step_dir, "model")
@@ -59,7 +59,6 @@ def export(
         from safetensors.torch import save_file
 
         flat = {f"{part}.{k}": v for part, sd in weights.items() for k, v in sd.items()}
-        meta = json.loads((step_dir / ckpt.META).read_text())
         info = {
             "step": str(meta["step"]),
             "config_hash": meta["config_hash"],
@@ -70,9 +69,14 @@ def export(
     return step_dir
 
 
-def _step_dir(source: str | os.PathLike, step: int | None) -> Path:
+def _checkpoint(source: str | os.PathLike, step: int | None):
+    """(the step directory ``source`` and ``step`` name, its meta.json, its resolved config)."""
+    from latte.config import resolve_saved
+
     source = Path(source)
-    return ckpt.choose(str(source / ckpt.tag_for(step) if step is not None else source), source)
+    step_dir = ckpt.choose(str(source / ckpt.tag_for(step) if step is not None else source), source)
+    meta = json.loads((step_dir / ckpt.META).read_text())
+    return step_dir, meta, resolve_saved(meta["config"])
 
 
 def _weights(step_dir: Path, weights: str) -> dict[str, torch.Tensor]:
@@ -84,21 +88,15 @@ def _weights(step_dir: Path, weights: str) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def _saved_config(step_dir: Path):
-    from latte.config import resolve_saved
-
-    return resolve_saved(json.loads((step_dir / ckpt.META).read_text())["config"])
-
-
-def _lora_model(step_dir: Path):
+def _lora_model(step_dir: Path, meta: dict, cfg):
     """For a LoRA run's checkpoint: its model (the base from ``model.init_from``, checked against the
     checkpoint's record of it, with empty adapters); None for any other checkpoint."""
+    from latte import lora
     from latte.builders import build_model
 
-    cfg = _saved_config(step_dir)
-    if not ckpt.adapters_only(cfg):
+    if not lora.enabled(cfg.model.lora):
         return None
-    changed = ckpt.base_changed(json.loads((step_dir / ckpt.META).read_text()), cfg)
+    changed = ckpt.base_changed(meta.get("base"), cfg)
     if changed:
         raise ckpt.CheckpointError(f"{step_dir} {changed}")
     return build_model(cfg)
@@ -107,7 +105,7 @@ def _lora_model(step_dir: Path):
 def _merged(model, adapters: dict[str, torch.Tensor], step_dir: Path) -> dict[str, torch.Tensor]:
     from latte import lora
 
-    lora.load_adapter_state(model, adapters, f"the adapters of {step_dir}")
+    lora.load_adapter_state(model, adapters, f"the checkpoint {step_dir}")
     return lora.merged_state_dict(model)
 
 
@@ -117,14 +115,13 @@ def export_adapter(
     """Write a LoRA checkpoint's EMA adapter (``weights="model"``: the raw one) in peft's format."""
     from latte import lora
 
-    step_dir = _step_dir(source, step)
-    model = _lora_model(step_dir)
+    step_dir, meta, cfg = _checkpoint(source, step)
+    model = _lora_model(step_dir, meta, cfg)
     if model is None:
         raise ckpt.CheckpointError(
             f"--adapter writes LoRA adapters; {step_dir} is not a LoRA run's checkpoint"
         )
-    lora.load_adapter_state(model, _weights(step_dir, weights), f"the adapters of {step_dir}")
-    meta = json.loads((step_dir / ckpt.META).read_text())
+    lora.load_adapter_state(model, _weights(step_dir, weights), f"the checkpoint {step_dir}")
     lora.save_adapter(model, out, meta.get("base"), meta["config"]["model"]["name"])
     return step_dir
 
@@ -138,13 +135,12 @@ def export_diffusers(
     from latte.config import caption_channels_of
     from latte.models import to_diffusers
 
-    step_dir = _step_dir(source, step)
-    cfg = _saved_config(step_dir)
+    step_dir, meta, cfg = _checkpoint(source, step)
     if not caption_channels_of(cfg.model):
         raise ckpt.CheckpointError(
             f"--diffusers writes text-to-video models; {step_dir} holds {cfg.model.name} (export it as .pt)"
         )
-    lora_model = _lora_model(step_dir)
+    lora_model = _lora_model(step_dir, meta, cfg)
     state = _weights(step_dir, weights)
     if lora_model is not None:
         state = _merged(lora_model, state, step_dir)

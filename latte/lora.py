@@ -10,7 +10,7 @@ identically and a resume needs no RNG state for it.
 
 Around the model:
 
-* ``adapter_keys`` / ``load_adapter_state``: the adapter tensors under our key names (what the optimizer,
+* ``is_adapter_key`` / ``load_adapter_state``: the adapter tensors under our key names (what the optimizer,
   the EMA and a LoRA checkpoint hold; the frozen base comes from ``model.init_from``);
 * ``merged_state_dict``: base + scale x adapter, in the base model's (= the released) key names;
 * ``save_adapter`` / ``read_adapter``: peft's format, a folder with ``adapter_config.json`` and
@@ -141,10 +141,6 @@ def is_adapter_key(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
-def adapter_keys(model: nn.Module) -> list[str]:
-    return [k for k in model.state_dict() if is_adapter_key(k)]
-
-
 def set_dropout_seeds(model: nn.Module, seeds: tuple[int, ...]) -> None:
     """The per-sample seeds of the next training forward (and its backward's recomputation)."""
     for module in model.modules():
@@ -164,19 +160,11 @@ def set_scale(model: nn.Module, scale: float) -> None:
 
 def load_adapter_state(model: nn.Module, adapters: dict[str, Tensor], source: str) -> None:
     """Load adapter tensors (our key names) into an adapted model: exactly its adapter keys, or one line
-    naming the first missing or foreign key / wrong shape."""
+    naming ``source`` and the first missing or foreign key / wrong shape (``check_fits``)."""
+    from latte.sampling.weights import check_fits
+
     own = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
-    for key, value in own.items():
-        if key not in adapters:
-            raise ConfigError(f"{source} does not fit the model's adapters: no '{key}'")
-        if tuple(adapters[key].shape) != tuple(value.shape):
-            raise ConfigError(
-                f"{source} does not fit the model's adapters: '{key}' is {tuple(adapters[key].shape)}, "
-                f"{tuple(value.shape)} in the model (another model.lora.rank or model?)"
-            )
-    extra = [k for k in adapters if k not in own]
-    if extra:
-        raise ConfigError(f"{source} does not fit the model's adapters: unexpected '{extra[0]}'")
+    check_fits(model, adapters, source, "the model's LoRA adapters", expected=own)
     missing, unexpected = model.load_state_dict(adapters, strict=False)
     assert not unexpected and not [k for k in missing if is_adapter_key(k)]
 
@@ -288,7 +276,7 @@ def apply_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     if (where / ADAPTER_CONFIG).is_file():
         config, tensors, meta = read_adapter(where)
         add_adapters(model, lora_config_of(config))
-        load_peft_tensors(model, tensors, f"the adapter {where}")
+        load_peft_tensors(model, tensors, str(where / ADAPTER_WEIGHTS))
         trained = f", trained on {json.loads(meta['latte_base'])['path']}" if meta.get("latte_base") else ""
         return f"LoRA adapter {where} (rank {config['r']}{trained})"
     if not where.is_dir():
@@ -300,5 +288,5 @@ def apply_adapter(model: nn.Module, path: str | os.PathLike) -> str:
         raise ConfigError(f"--lora {path}: {step_dir} is not a LoRA run's checkpoint")
     add_adapters(model, dataclasses.replace(saved, dropout=0.0))
     ema = torch.load(step_dir / ckpt.EMA_FULL, map_location="cpu", weights_only=True)
-    load_adapter_state(model, ema, f"the EMA of {step_dir}")
+    load_adapter_state(model, ema, str(step_dir / ckpt.EMA_FULL))
     return f"LoRA adapter: the EMA of {step_dir} (rank {saved.rank})"

@@ -133,7 +133,7 @@ class MetricsLogger:
         if cfg is not None:
             t, d, m = cfg.train, cfg.data, cfg.model
             arch = resolved_arch(cfg)
-            data_parallel = world_size // t.sequence_parallel  # a sequence-parallel group shares its samples
+            data_parallel = t.data_parallel_size(world_size)
             self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel
             if isinstance(arch, LatteT2VArch):  # captions padded to ``caption_tokens`` (the loader's length)
                 out = m.in_channels * (2 if m.learn_sigma else 1)

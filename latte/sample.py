@@ -37,7 +37,7 @@ from latte.engine import configure_cuda_numerics
 from latte.errors import first_line
 from latte.files import atomic_write
 from latte.models import Latte
-from latte.parallel.sequence import data_place
+from latte.parallel.sequence import check_divides, data_place
 from latte.precision import DTYPES
 from latte.rendezvous import world_from_env
 from latte.sampling import decoding, media
@@ -152,7 +152,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Latte, C
     what = f"{cfg.model.name} ({cfg.model.num_classes} classes, {d.num_frames} frames of {d.latent_size}²)"
     description = source.description
     if lora.enabled(cfg.model.lora):
-        changed = base_changed({"base": source.base}, cfg)
+        changed = base_changed(source.base, cfg)
         if changed:
             raise ConfigError(f"{args.checkpoint} {changed}")
         lora.load_adapter_state(model, source.state_dict, source.weights_file)
@@ -364,10 +364,10 @@ def run(args: argparse.Namespace) -> int:
         f"({device}): {sampler_of(cfg)}, steps {cfg.diffusion.sampling_steps}, cfg scale {s.cfg_scale:g}, "
         f"seed {s.seed}"
     )
-    if ranks.world_size % s.sequence_parallel:
-        raise ConfigError(
-            f"sample.sequence_parallel {s.sequence_parallel} does not divide the {ranks.world_size} ranks"
-        )
+    try:  # before the process group: a user error ends every rank alike
+        check_divides(ranks.world_size, s.sequence_parallel)
+    except ValueError as exc:
+        raise ConfigError(f"sample.sequence_parallel: {exc}") from None
     start_group(ranks)  # every check has passed on every rank: nothing below is a user error
     # sequence parallelism: each group of P ranks is one sampling rank (its CUDA tensors over NCCL)
     place = data_place(

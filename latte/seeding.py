@@ -56,9 +56,8 @@ class SampleDraws:
     noise: torch.Tensor
     drop: torch.Tensor | None  # int64, 1 = replace the label by the null class; None without dropout
     image_drop: torch.Tensor | None = None  # (B,) int64, the same for the sample's K images; None: no images
-    seeds: tuple[
-        int, ...
-    ] = ()  # each sample's seed (``sample_seed``): what other per-sample draws derive from
+    # each sample's seed (``sample_seed``): what other per-sample draws (LoRA dropout) derive from
+    seeds: tuple[int, ...] = ()
 
 
 class TrainingDraws:

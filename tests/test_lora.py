@@ -9,15 +9,15 @@ resume in one line; export (merged, peft adapter, diffusers for T2V) and ``latte
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import test_checkpoint as ckpt_tests
 import torch
-from test_checkpoint import _env, _finish, _kill_9, _one_process, _start, assert_same_checkpoint
+from test_checkpoint import _finish, _kill_9, _one_process, _start, assert_same_checkpoint
+from test_sample import latents_in, sample_cli
+from test_t2v import _run as run_python
 
 from latte import lora
 from latte.builders import build_model
@@ -217,25 +217,7 @@ def lora_run(tmp_path_factory, base_pt) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lora-run")
     base = root / "base.pt"
     base.write_bytes(base_pt.read_bytes())
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(ckpt_tests.free_port()),
-        "train.py",
-        "--config",
-        str(TINY),
-        "--set",
-        f"train.results_dir={root}",
-        "train.max_steps=10",
-        "train.ckpt_every=10",
-        *_lora_overrides(base, "2"),
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    _finish(_start(root, [*_lora_overrides(base, "2"), "train.max_steps=10", "train.ckpt_every=10"]))
     return {
         "ckpt": root / "checkpoints",
         "base": base,
@@ -245,29 +227,8 @@ def lora_run(tmp_path_factory, base_pt) -> dict[str, Path]:
 
 
 def _sample(source, out: Path, vae: Path, *extra: str) -> None:
-    from latte.sample import main
-
-    args = [
-        str(source),
-        "--out",
-        str(out),
-        "--num-samples",
-        "2",
-        "--steps",
-        "ddim3",
-        "--no-progress",
-        "--save-latents",
-        "--classes",
-        "1,2",
-        "--vae",
-        str(vae),
-        *extra,
-    ]
-    assert main(args) == 0
-
-
-def _latents(out: Path) -> list[np.ndarray]:
-    return [np.load(out / f"sample_{i:04d}.npy") for i in range(2)]
+    """test_sample's sampling CLI call (2 samples, ddim3, guidance 2, latents saved), classes 1 and 2."""
+    assert sample_cli(source, out, "--classes", "1,2", *extra, vae=vae) == 0
 
 
 @pytest.mark.slow
@@ -302,14 +263,14 @@ def test_exports_and_sampling_with_an_adapter(lora_run, tmp_path):
     _sample(ck, tmp_path / "ckpt", vae)
     _sample(base, tmp_path / "dir", vae, "--config", str(TINY), "--lora", str(ck))
     _sample(base, tmp_path / "peft", vae, "--config", str(TINY), "--lora", str(tmp_path / "adapter"))
-    reference = _latents(tmp_path / "ckpt")
+    reference = latents_in(tmp_path / "ckpt")
     for name in ("dir", "peft"):
-        assert all(np.array_equal(a, b) for a, b in zip(_latents(tmp_path / name), reference, strict=True)), (
-            name
-        )
+        assert all(
+            np.array_equal(a, b) for a, b in zip(latents_in(tmp_path / name), reference, strict=True)
+        ), name
     _sample(tmp_path / "merged.pt", tmp_path / "merged", vae, "--config", str(TINY))
     assert all(
-        np.allclose(a, b, atol=1e-4) for a, b in zip(_latents(tmp_path / "merged"), reference, strict=True)
+        np.allclose(a, b, atol=1e-4) for a, b in zip(latents_in(tmp_path / "merged"), reference, strict=True)
     )
     manifest = json.loads((tmp_path / "peft" / "samples.json").read_text())
     assert f"LoRA adapter {tmp_path / 'adapter'} (rank 4, trained on {base})" in manifest["weights"]
@@ -318,7 +279,7 @@ def test_exports_and_sampling_with_an_adapter(lora_run, tmp_path):
     _sample(base, tmp_path / "base", vae, "--config", str(TINY))
     assert all(
         np.array_equal(a, b)
-        for a, b in zip(_latents(tmp_path / "zero"), _latents(tmp_path / "base"), strict=True)
+        for a, b in zip(latents_in(tmp_path / "zero"), latents_in(tmp_path / "base"), strict=True)
     )
 
 
@@ -370,14 +331,7 @@ def test_t2v_lora_merged_export_loads_in_diffusers(tmp_path):
         "train.log_every=3",
         f"train.results_dir={tmp_path / 'run'}",
     ]
-    done = subprocess.run(
-        [sys.executable, "train.py", "--config", str(T2V), "--set", *overrides],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python("train.py", "--config", str(T2V), "--set", *overrides, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ck = tmp_path / "run" / "checkpoints"
     assert export_main([str(ck), str(tmp_path / "merged"), "--diffusers"]) == 0

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from dist import run_ranks
+from test_lora import _randomize
 
 from latte.models import LATTE_MODELS
 
@@ -40,12 +41,7 @@ def _model(t2v: bool = False, **kwargs):
         )
     else:
         model = LATTE_MODELS["Latte-S/2"](input_size=16, num_frames=4, num_classes=10, **kwargs)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # adaLN-Zero starts with zero gates and output: make every path count
-        for name, p in model.named_parameters():
-            if name not in model.FIXED_TABLES:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.train()
+    return _randomize(model, 1, 0.02).train()  # adaLN-Zero's zero gates and output: make every path count
 
 
 def _inputs(mask: bool = False, t2v: bool = False, images: bool = False) -> dict:
@@ -183,11 +179,10 @@ def test_training_with_sp2_follows_one_rank_and_resumes_with_sp1(tmp_path, monke
 def test_sampling_with_sp2_gives_the_latents_of_one_rank(tmp_path):
     """``torchrun --nproc_per_node 2 -m latte.sample --sequence-parallel 2``: both ranks denoise every clip
     together (one group), including a 2-clip long video; the latents equal 1-rank sampling's (within 1e-5)."""
-    import subprocess
-    import sys
 
     import numpy as np
-    from test_checkpoint import REPO, _env, _one_process
+    from test_checkpoint import _one_process
+    from test_t2v import _run as run_python
 
     from data_pipeline.toy_videos import make_tiny_vae
     from latte.rendezvous import free_port
@@ -200,42 +195,11 @@ def test_sampling_with_sp2_gives_the_latents_of_one_rank(tmp_path):
     common = ["--vae", str(vae), "--num-samples", "3", "--steps", "ddim3", "--cfg-scale", "3"]
     common += ["--total-frames", "6", "--overlap", "2", "--save-latents", "--no-progress"]
     ckpt = str(tmp_path / "checkpoints")
-    one = subprocess.run(
-        [sys.executable, "-m", "latte.sample", ckpt, "--out", str(tmp_path / "one"), *common],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    one = run_python("-m", "latte.sample", ckpt, "--out", str(tmp_path / "one"), *common, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    two = subprocess.run(
-        [
-            *launch,
-            "-m",
-            "latte.sample",
-            ckpt,
-            "--out",
-            str(tmp_path / "sp"),
-            *common,
-            "--sequence-parallel",
-            "2",
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    sp = ["-m", "latte.sample", ckpt, "--out", str(tmp_path / "sp"), *common, "--sequence-parallel", "2"]
+    two = run_python(*launch, *sp, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     for i in range(3):
         a, b = (np.load(tmp_path / d / f"sample_{i:04d}.npy") for d in ("one", "sp"))

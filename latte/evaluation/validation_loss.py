@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 import torch
 
+from latte import lora
 from latte.config import Config
-from latte.lora import load_trained
 from latte.precision import call_in
 from latte.seeding import sample_seed
 
@@ -178,7 +178,7 @@ class Validator:
             module.train()
         net = self._ema_module(tr.compute_dtype)
         # the full EMA, gathered from every rank's shard (LoRA: the adapters' EMA on the frozen base)
-        load_trained(net, tr.ema.consolidate(), "the EMA")
+        lora.load_trained(net, tr.ema.consolidate(), "the consolidated EMA")
         ema_fn = lambda x, t, **kw: call_in(net, tr.compute_dtype, x, t, **extra, **kw)  # noqa: E731
         ema = validation_loss(ema_fn, *args, **sizes)
         return {"raw": raw, "ema": ema}
@@ -189,10 +189,8 @@ class Validator:
         if self._ema_net is None:
             from latte.builders import build_model
 
-            lora = (
-                self.cfg.model.lora.rank > 0
-            )  # its base is init_from's; otherwise every weight is the EMA's
-            init_from = self.cfg.model.init_from if lora else ""
+            # LoRA: the EMA holds the adapters, the base is init_from's; otherwise every weight is the EMA's
+            init_from = self.cfg.model.init_from if lora.enabled(self.cfg.model.lora) else ""
             model_cfg = dataclasses.replace(self.cfg.model, init_from=init_from, compile=False)
             cfg = dataclasses.replace(self.cfg, model=model_cfg)
             devices = [self.world.device] if self.world.device.type == "cuda" else []

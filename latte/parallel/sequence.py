@@ -33,30 +33,20 @@ def _all_to_all(x: Tensor, group) -> Tensor:
     return out
 
 
-class _ToTokens(torch.autograd.Function):
-    """(N, F/P, T, D) this rank's frames -> (N, F, T/P, D) this rank's token positions of every frame."""
+class _Switch(torch.autograd.Function):
+    """One all-to-all between the two layouts: with ``to_tokens``, (N, F/P, T, D) this rank's frames ->
+    (N, F, T/P, D) this rank's token positions of every frame; else the inverse. Its backward is the switch
+    the other way."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, shard: SequenceShard) -> Tensor:
-        ctx.shard = shard
-        return shard._frames_to_tokens(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return ctx.shard._tokens_to_frames(grad), None
-
-
-class _ToFrames(torch.autograd.Function):
-    """The inverse: (N, F, T/P, D) -> (N, F/P, T, D)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, shard: SequenceShard) -> Tensor:
-        ctx.shard = shard
-        return shard._tokens_to_frames(x)
+    def forward(ctx, x: Tensor, shard: SequenceShard, to_tokens: bool) -> Tensor:
+        ctx.shard, ctx.to_tokens = shard, to_tokens
+        return shard._frames_to_tokens(x) if to_tokens else shard._tokens_to_frames(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return ctx.shard._frames_to_tokens(grad), None
+        shard = ctx.shard
+        return (shard._tokens_to_frames(grad) if ctx.to_tokens else shard._frames_to_tokens(grad)), None, None
 
 
 class _GatherFrames(torch.autograd.Function):
@@ -65,8 +55,11 @@ class _GatherFrames(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, shard: SequenceShard) -> Tensor:
         ctx.shard = shard
-        parts = [torch.empty_like(x) for _ in range(shard.size)]
-        dist.all_gather(parts, x.contiguous(), group=shard.group)
+        x = x.contiguous()
+        parts = [
+            torch.empty_like(x) for _ in range(shard.size)
+        ]  # (contiguous like x, as the collective needs)
+        dist.all_gather(parts, x, group=shard.group)
         return torch.cat(parts, dim=1)  # (N, F, ...), frames in rank order
 
     @staticmethod
@@ -99,10 +92,10 @@ class SequenceShard:
         return slice(self.rank * n, (self.rank + 1) * n)
 
     def to_tokens(self, x: Tensor) -> Tensor:
-        return _ToTokens.apply(x, self)
+        return _Switch.apply(x, self, True)
 
     def to_frames(self, x: Tensor) -> Tensor:
-        return _ToFrames.apply(x, self)
+        return _Switch.apply(x, self, False)
 
     def gather_frames(self, x: Tensor) -> Tensor:
         return _GatherFrames.apply(x, self)
@@ -122,13 +115,18 @@ class SequenceShard:
         return got.permute(1, 2, 0, 3, 4).reshape(n, f // p, p * tl, d)  # (N, F/P, T, D)
 
 
+def check_divides(world_size: int, size: int) -> None:
+    """Groups of ``size`` ranks must tile the world (a ValueError naming both otherwise)."""
+    if size < 1 or world_size % size:
+        raise ValueError(f"sequence parallelism over {size} ranks does not divide the {world_size} ranks")
+
+
 def sequence_groups(size: int, backend: str | None = None) -> SequenceShard:
     """Split the world into groups of ``size`` consecutive ranks (a collective: every rank calls it) and
     return this rank's shard; ``size`` must divide the world size. ``backend``: the groups' (default: the
     default group's; sampling's default group is gloo, its CUDA tensors need "nccl")."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if size < 1 or world % size:
-        raise ValueError(f"sequence parallelism over {size} ranks does not divide the {world} ranks")
+    check_divides(world, size)
     mine = None
     for start in range(0, world, size):
         group = dist.new_group(list(range(start, start + size)), backend=backend)  # every rank, every group
@@ -149,7 +147,6 @@ class DataPlace:
 def data_place(rank: int, world_size: int, size: int, backend: str | None = None) -> DataPlace:
     """Rank ``rank`` of ``world_size`` with groups of ``size`` consecutive ranks (size > 1 creates the process
     groups: a collective every rank makes)."""
-    if size < 1 or world_size % size:
-        raise ValueError(f"sequence parallelism over {size} ranks does not divide the {world_size} ranks")
+    check_divides(world_size, size)
     shard = sequence_groups(size, backend) if size > 1 else None
     return DataPlace(rank // size, world_size // size, shard)

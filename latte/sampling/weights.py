@@ -114,11 +114,16 @@ def read_weights_file(path: Path, weights: str) -> dict[str, torch.Tensor]:
 
 
 def check_fits(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], weights_file: str, what: str
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    weights_file: str,
+    what: str,
+    expected: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Raise one line naming ``weights_file`` and the first key whose presence or shape differs from
-    ``model``'s (``what`` describes the model), instead of load_state_dict's multi-line report."""
-    expected = model.state_dict()
+    ``model``'s (``what`` describes the model), instead of load_state_dict's multi-line report.
+    ``expected``: the part of the model's state dict the file must hold (default: all of it)."""
+    expected = model.state_dict() if expected is None else expected
     prefix = f"weights in {weights_file} do not fit {what}"
     for key, value in expected.items():
         if key not in state_dict:
