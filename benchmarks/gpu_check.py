@@ -27,7 +27,10 @@ time budget reports ``skipped: time budget``. Parts:
    captions padded to 120 tokens, per backend: its cross-attention runs the kernels part 2 checks on the
    (B*F, T, H, D) x (B*F, 120, H, D) shape with caption masks;
 8. (after 4) LoRA vs full fine-tuning from the same base: train.py's ZeRO-2 step, trainable parameters,
-   the optimizer's bytes on the rank, peak memory (``benchmarks/lora_vs_full.py`` is the CPU table's script).
+   the optimizer's bytes on the rank, peak memory (``benchmarks/lora_vs_full.py`` is the CPU table's script);
+9. with 2 or more GPUs, sequence parallelism: the model's forward + backward on one GPU vs split over two
+   (``train.sequence_parallel 2``'s layout): ms, speed-up, peak memory per GPU, the output's error
+   (``benchmarks/sequence_parallel_memory.py`` is the CPU table's script).
 
 Never write a figure into a README that this script did not print on the machine named in its first table.
 """
@@ -121,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--parts",
         nargs="+",
-        default=["env", "attention", "step", "t2v", "deepspeed", "lora", "fp16", "sample"],
+        default=["env", "attention", "step", "t2v", "deepspeed", "lora", "fp16", "sample", "sp"],
     )
     args = p.parse_args(argv)
     if args.smoke:
@@ -623,6 +626,72 @@ def lora_steps(args: argparse.Namespace, part: Part) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 9. sequence parallelism over two GPUs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sp_rank(args: argparse.Namespace) -> list[list[Any]]:
+    """On each of 2 ranks (GPU r over NCCL; with ``--smoke`` and no CUDA, gloo CPU ranks): the model's
+    forward + backward on the whole batch alone (SP 1), then split over the pair (SP 2): ms, peak GiB on
+    this GPU, the output's max error relative to SP 1's."""
+    import torch.distributed as dist
+
+    from latte.parallel.sequence import sequence_groups
+
+    cuda = torch.cuda.is_available()
+    rank = int(os.environ["RANK"])
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    shard = sequence_groups(2)
+    cfg = _config(args)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    model = _randomised(build_model(cfg)).to(device=dev, dtype=dtype).train()
+    inp = _inputs(cfg, dev)
+    weight = torch.linspace(-1, 1, inp.x.numel() * 2, device=dev).view(*inp.x.shape[:2], -1)
+
+    def fwd_bwd(sequence) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        out = call_in(model, dtype, inp.x, inp.t, y=inp.y, sequence=sequence)  # (N, F, 2C, h, w)
+        (out.flatten(2) * weight).sum().backward()  # a loss both ranks share
+        return out.detach()
+
+    rows, reference = [], None
+    for name, sequence in (("SP 1 (one GPU, whole clip)", None), ("SP 2 (frames / tokens split)", shard)):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        ms = _time_ms(lambda sequence=sequence: fwd_bwd(sequence), args.steps)
+        out = fwd_bwd(sequence)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
+        reference = out if reference is None else reference
+        rows.append([name, ms, rows[0][1] / ms if rows else 1.0, peak, _rel(out, reference)])
+    dist.destroy_process_group()
+    return rows
+
+
+def sequence_parallel(args: argparse.Namespace, part: Part) -> None:
+    """Part 9: ``_sp_rank`` on 2 spawned ranks (2 GPUs, or 2 CPU ranks with ``--smoke``); rank 0's rows."""
+    gpus = torch.cuda.device_count()
+    if gpus == 1:
+        raise Skip("a second GPU missing (1 here)")
+    if not gpus and not args.smoke:
+        raise Skip("CUDA missing")
+    sys.path.insert(0, str(REPO / "tests"))
+    from dist import run_ranks
+
+    precision = "bf16" if gpus else "fp32 (CPU, smoke)"
+    part.notes.append(
+        f"the bare forward + backward of {args.model}, batch {args.batch}, {args.frames} frames, latent "
+        f"{args.latent}, {precision}, on 2 ranks: each rank alone (SP 1), then the pair at SP 2; speed-up = "
+        "SP 1 ms / SP 2 ms; error = SP 2's output vs SP 1's, max relative"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        part.rows = run_ranks(_sp_rank, 2, (args,), Path(tmp))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 5. fp16: dynamic loss scaling across a resume
 # ----------------------------------------------------------------------------------------------------------
 
@@ -784,6 +853,12 @@ PARTS = {
         60,
     ),
     "sample": ("sampling", ["case", "finite", "shape", "ms per step"], sampling, 15),
+    "sp": (
+        "sequence parallelism over 2 GPUs: forward + backward",
+        ["layout", "ms", "speed-up", "peak GiB per GPU", "output error vs SP 1"],
+        sequence_parallel,
+        60,
+    ),
 }
 
 

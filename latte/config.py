@@ -550,7 +550,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_sequence_parallel(cfg: Config, arch) -> None:
-    """train.sequence_parallel P: frames and token positions split evenly over P ranks, clips only."""
+    """train.sequence_parallel P: frames, token positions (and joint images) split evenly over P ranks."""
     p = cfg.train.sequence_parallel
     if p < 1:
         raise ConfigError(f"train.sequence_parallel must be >= 1 (1 = off), got {p}")
@@ -561,11 +561,6 @@ def _validate_sequence_parallel(cfg: Config, arch) -> None:
     for what, n in (*counts, ("data.use_image_num", cfg.data.use_image_num)):
         if n % p:
             raise ConfigError(f"train.sequence_parallel {p} must divide {what} ({n})")
-    if cfg.data.use_image_num and caption_channels_of(cfg.model):
-        raise ConfigError(
-            "train.sequence_parallel > 1 with data.use_image_num > 0 is supported for the class-conditional "
-            "Latte, not yet for the text-to-video model"
-        )
 
 
 def _validate_lora(cfg: Config) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def test_gpu_check_smoke_runs_every_part_or_names_what_is_missing(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     parts = {p["title"]: p for p in json.loads((tmp_path / "gpu_check.json").read_text())}
-    assert len(parts) == 8 and (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (smoke")
+    assert len(parts) == 9 and (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (smoke")
     for title, part in parts.items():
         assert part["status"] == "ok" or part["status"].startswith("skipped: "), (title, part["status"])
     cuda = any(row[0] == "device" and not row[1].startswith("cpu") for row in parts["environment"]["rows"])
@@ -51,3 +52,7 @@ def test_gpu_check_smoke_runs_every_part_or_names_what_is_missing(tmp_path):
     lora = {row[0]: row for row in parts["LoRA vs full fine-tuning: train.py's ZeRO-2 step"]["rows"]}
     assert list(lora) == ["full", "LoRA r16"] and lora["LoRA r16"][1] < 0.5 * lora["full"][1]
     assert lora["LoRA r16"][2] < 0.5 * lora["full"][2]  # the optimizer holds the adapters' state alone
+    sp = parts["sequence parallelism over 2 GPUs: forward + backward"]
+    if torch.cuda.device_count() != 1:  # 2 CPU ranks here (or 2 GPUs): SP 2 computes SP 1's output
+        assert [row[0][:4] for row in sp["rows"]] == ["SP 1", "SP 2"], sp
+        assert sp["rows"][1][4] < (1e-5 if not cuda else 5e-2), sp["rows"]

@@ -22,6 +22,10 @@ CASES = {  # name: (model kwargs, forward kwargs)
     "math + mask + checkpointing": ({"attention": "math", "gradient_checkpointing": True}, {"mask": True}),
     "T2V, caption mask": ({"t2v": True, "attention": "sdpa"}, {"mask": True}),
     "joint: 4 frames + 2 images, mask": ({"attention": "sdpa"}, {"mask": True, "images": True}),
+    "T2V joint: 4 frames + 2 captioned images, masks": (
+        {"t2v": True, "attention": "sdpa"},
+        {"mask": True, "images": True},
+    ),
 }
 
 
@@ -54,6 +58,18 @@ def _inputs(mask: bool = False, t2v: bool = False, images: bool = False) -> dict
         }
         if mask:
             kwargs["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+        if images:  # 2 images after the 4 frames, each with its own caption: states (N, 1+K, L, D)
+            kwargs["x"] = torch.cat([kwargs["x"], torch.randn(2, 2, 4, 16, 16, generator=g)], dim=1)
+            captions = torch.randn(2, 2, 5, 32, generator=g)  # (N, K, L, D)
+            kwargs["encoder_hidden_states"] = torch.cat(
+                [kwargs["encoder_hidden_states"][:, None], captions], 1
+            )
+            kwargs["use_image_num"] = 2
+            if mask:  # the clip's mask, then the images': one short caption, one empty but its first token
+                masks = torch.tensor([[[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]])
+                kwargs["encoder_attention_mask"] = torch.cat(
+                    [kwargs["encoder_attention_mask"][:, None], masks.bool()], 1
+                )
         return kwargs
     kwargs = {
         "x": torch.randn(2, 4, 4, 16, 16, generator=g),  # (N, F, C, h, w): 4 frames of 8x8 = 64 tokens

@@ -341,11 +341,7 @@ class Latte(nn.Module):
         out = self.unpatchify(x)  # (N, F+K, C_out, H, W)
         if sequence is None:
             return out
-        out = sequence.gather_frames(out)  # (N, P (F/P + K/P), C_out, H, W): each rank's frames, then images
-        if not k:
-            return out
-        per_rank = out.unflatten(1, (sequence.size, f + k))  # (N, P, F/P + K/P, C_out, H, W)
-        return torch.cat([per_rank[:, :, :f].flatten(1, 2), per_rank[:, :, f:].flatten(1, 2)], dim=1)
+        return sequence.gather_frames_then_images(out, k)  # (N, F+K, C_out, H, W) on every rank
 
     def forward_with_cfg(
         self,

@@ -374,12 +374,13 @@ class LatteT2V(nn.Module):
 
         sequence: sequence parallelism (``latte.parallel.sequence.SequenceShard``; None = off), as for
         ``Latte``: each rank of the group computes F/P frames in the spatial blocks (the caption replicated)
-        and T/P token positions in the temporal blocks, and returns the whole output (clips only, K = 0).
+        and T/P token positions in the temporal blocks, and returns the whole output. With K images, rank r
+        also takes images ``[r K/P, (r + 1) K/P)`` with their captions (K divisible by P).
         """
         if use_image_num:
-            if sequence is not None:
-                raise ValueError("sequence parallelism in LatteT2V takes clips only (use_image_num 0)")
-            return self._forward_joint(x, t, encoder_hidden_states, encoder_attention_mask, use_image_num)
+            return self._forward_joint(
+                x, t, encoder_hidden_states, encoder_attention_mask, use_image_num, sequence
+            )
         temporal_on = enable_temporal_attentions
         mask = self._check_inputs(x, encoder_hidden_states, encoder_attention_mask, temporal_on)
         n, f, _, h, w = x.shape
@@ -418,11 +419,14 @@ class LatteT2V(nn.Module):
         out = self.unpatchify(self.proj_out(x), gh, gw)  # (N, F, T, p*p*C_out) -> (N, F, C_out, H, W)
         return sequence.gather_frames(out) if sequence is not None else out  # SP: all F frames
 
-    def _forward_joint(self, x: Tensor, t: Tensor, states: Tensor, mask: Tensor | None, k: int) -> Tensor:
+    def _forward_joint(
+        self, x: Tensor, t: Tensor, states: Tensor, mask: Tensor | None, k: int, sequence=None
+    ) -> Tensor:
         """``forward`` with K images after the clip's frames (see there). The spatial blocks run on the video
         (N, F, T, D) with the clip's caption and on the images as N*K one-frame samples (N*K, 1, T, D) with
         their own captions: the same function as the original's per-frame batch (every frame's attention is
-        its own sequence), computed in two calls."""
+        its own sequence), computed in two calls. ``sequence``: this rank's F/P frames and K/P images (and
+        the images' captions), the video switched to token positions around each temporal block."""
         n, frames, _, h, w = x.shape
         f = frames - k
         if not 0 < k < frames:
@@ -441,6 +445,14 @@ class LatteT2V(nn.Module):
         self._check_inputs(x[:, :f], states[:, 0], None if mask is None else mask[:, 0], True)
         gh, gw = h // self.patch_size, w // self.patch_size
         t = t.expand(n) if t.dim() == 0 else t
+        all_frames = f  # what the temporal blocks see
+        if sequence is not None:  # rank r: frames [r F/P, (r+1) F/P), images [r K/P, (r+1) K/P) + captions
+            sequence.check(f, gh * gw, k)
+            x = torch.cat([x[:, :f][:, sequence.part(f)], x[:, f:][:, sequence.part(k)]], dim=1)
+            states = torch.cat([states[:, :1], states[:, 1:][:, sequence.part(k)]], dim=1)  # (N, 1+K/P, L, C)
+            if mask is not None:
+                mask = torch.cat([mask[:, :1], mask[:, 1:][:, sequence.part(k)]], dim=1)  # (N, 1+K/P, L)
+            f, k = f // sequence.size, k // sequence.size
         tokens = self.pos_embed(rearrange(x, "n f c h w -> (n f) c h w"))  # (N*(F+K), T, D)
         tokens = rearrange(tokens, "(n f) t d -> n f t d", n=n)  # (N, F+K, T, D)
         video, images = tokens[:, :f], rearrange(tokens[:, f:], "n k t d -> (n k) 1 t d")  # (N*K, 1, T, D)
@@ -459,13 +471,18 @@ class LatteT2V(nn.Module):
         for i, (spatial, temporal) in enumerate(pairs):
             video = self._run_block(spatial, video, mod, video_context, video_mask)
             images = self._run_block(spatial, images, mod_images, image_context, image_mask)
+            if sequence is not None:
+                video = sequence.to_tokens(video)  # (N, F/P, T, D) -> (N, F, T/P, D): one all-to-all
             video = video.transpose(1, 2)  # (N, F, T, D) -> (N, T, F, D)
-            if i == 0 and f > 1:
-                video = video + self.temp_pos_embed[:, None, :f].to(video.dtype)
+            if i == 0 and all_frames > 1:
+                video = video + self.temp_pos_embed[:, None, :all_frames].to(video.dtype)
             video = self._run_block(temporal, video, mod)  # attends over F; the images skip it
             video = video.transpose(1, 2)  # (N, T, F, D) -> (N, F, T, D)
+            if sequence is not None:
+                video = sequence.to_frames(video)  # (N, F, T/P, D) -> (N, F/P, T, D)
 
         x = torch.cat([video, rearrange(images, "(n k) 1 t d -> n k t d", n=n)], dim=1)  # (N, F+K, T, D)
         shift, scale = (self.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)  # each (N, 1, D)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
-        return self.unpatchify(self.proj_out(x), gh, gw)  # (N, F+K, C_out, H, W)
+        out = self.unpatchify(self.proj_out(x), gh, gw)  # (N, F+K, C_out, H, W); SP: F/P + K/P
+        return out if sequence is None else sequence.gather_frames_then_images(out, k)  # (N, F+K, ...)

@@ -100,6 +100,18 @@ class SequenceShard:
     def gather_frames(self, x: Tensor) -> Tensor:
         return _GatherFrames.apply(x, self)
 
+    def gather_frames_then_images(self, x: Tensor, images: int) -> Tensor:
+        """(N, F/P + K/P, ...) this rank's frames then its ``images`` K/P images -> (N, F + K, ...) on every
+        rank: all F frames in order, then all K images (video-image joint training)."""
+        if not images:
+            return self.gather_frames(x)
+        out = self.gather_frames(x)  # (N, P (F/P + K/P), ...): each rank's frames, then its images
+        per_rank = out.unflatten(1, (self.size, x.shape[1]))  # (N, P, F/P + K/P, ...)
+        frames = x.shape[1] - images
+        return torch.cat(
+            [per_rank[:, :, :frames].flatten(1, 2), per_rank[:, :, frames:].flatten(1, 2)], dim=1
+        )
+
     def _frames_to_tokens(self, x: Tensor) -> Tensor:
         n, fl, t, d = x.shape
         p = self.size
