@@ -78,81 +78,79 @@ def image_seed(seed: int) -> int:
     return mix_seed(seed, IMAGE_STREAM)
 
 
-def _open_clips(cfg: Config, rank: int, world_size: int, device_type: str) -> BatchSource:
-    caption_channels = caption_channels_of(cfg.model)  # 0: the model takes no captions
-    if not cfg.data.index:
+def _stream(
+    cfg: Config,
+    rank: int,
+    world_size: int,
+    device_type: str,
+    index: str,
+    seed: int,
+    batch_size: int,
+    frames: int,
+    name: str,
+) -> BatchSource:
+    """``batch_size`` samples of ``frames`` latent frames per batch: synthetic ones when ``index`` is "",
+    else a ``LatentLoader`` over ``index`` checked against the config (``name``: the config key the
+    error line names for it)."""
+    if not index:
         from data_pipeline.synthetic import SyntheticStream
 
         return SyntheticStream(
-            cfg.train.seed,
-            cfg.train.micro_batch_size,
+            seed,
+            batch_size,
             cfg.model.num_classes,
-            cfg.data.num_frames,
+            frames,
             cfg.model.in_channels,
             cfg.data.latent_size,
             rank=rank,
             world_size=world_size,
             accumulation=cfg.train.gradient_accumulation_steps,
-            caption_channels=caption_channels,
+            caption_channels=caption_channels_of(cfg.model),  # 0: the model takes no captions
         )
     from data_pipeline.loader import LatentLoader, LoaderError  # (its imports are heavier)
 
+    expected = expected_of(cfg)
+    expected = dataclasses.replace(expected, latent_shape=(frames, *expected.latent_shape[1:]))
     try:
         return LatentLoader(
-            cfg.data.index,
-            cfg.train.micro_batch_size,
+            index,
+            batch_size,
             rank=rank,
             world_size=world_size,
-            seed=cfg.train.seed,
-            num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            infinite=True,
-            expected=expected_of(cfg),
-            pin_memory=device_type == "cuda",
-        )
-    except (ValueError, LoaderError) as exc:  # unreadable index, missing shard, index vs config
-        raise ConfigError(str(exc)) from None
-
-
-def _open_images(
-    cfg: Config, rank: int, world_size: int, device_type: str, clips: BatchSource
-) -> BatchSource:
-    """The image stream of joint training: micro_batch_size x K single-frame latents per batch."""
-    per_batch = cfg.train.micro_batch_size * cfg.data.use_image_num
-    if not cfg.data.image_index:  # synthetic clips: synthetic one-frame "images" of the same classes
-        from data_pipeline.synthetic import SyntheticStream
-
-        return SyntheticStream(
-            image_seed(cfg.train.seed),
-            per_batch,
-            cfg.model.num_classes,
-            1,
-            cfg.model.in_channels,
-            cfg.data.latent_size,
-            rank=rank,
-            world_size=world_size,
-            accumulation=cfg.train.gradient_accumulation_steps,
-            caption_channels=caption_channels_of(cfg.model),
-        )
-    from data_pipeline.loader import LatentLoader, LoaderError
-
-    clip_expected = expected_of(cfg)
-    expected = dataclasses.replace(clip_expected, latent_shape=(1, *clip_expected.latent_shape[1:]))
-    try:
-        images = LatentLoader(
-            cfg.data.image_index,
-            per_batch,
-            rank=rank,
-            world_size=world_size,
-            seed=image_seed(cfg.train.seed),
+            seed=seed,
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
             infinite=True,
             expected=expected,
             pin_memory=device_type == "cuda",
         )
-    except (ValueError, LoaderError) as exc:
-        raise ConfigError(str(exc).replace("the config expects", "data.image_index needs")) from None
+    except (ValueError, LoaderError) as exc:  # unreadable index, missing shard, index vs config
+        message = str(exc)
+        raise ConfigError(
+            message if name == "data.index" else message.replace("the config expects", f"{name} needs")
+        ) from None
+
+
+def _open_clips(cfg: Config, rank: int, world_size: int, device_type: str) -> BatchSource:
+    d, t = cfg.data, cfg.train
+    return _stream(
+        cfg, rank, world_size, device_type, d.index, t.seed, t.micro_batch_size, d.num_frames, "data.index"
+    )
+
+
+def _open_images(
+    cfg: Config, rank: int, world_size: int, device_type: str, clips: BatchSource
+) -> BatchSource:
+    """The image stream of joint training: micro_batch_size x K single-frame latents per batch (synthetic
+    clips: synthetic one-frame "images" of the same classes)."""
+    d = cfg.data
+    per_batch = cfg.train.micro_batch_size * d.use_image_num
+    seed = image_seed(cfg.train.seed)
+    images = _stream(
+        cfg, rank, world_size, device_type, d.image_index, seed, per_batch, 1, "data.image_index"
+    )
+    if not d.image_index:
+        return images
     if (
         cfg.model.num_classes
         and clips.facts is not None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ class ValidationSet:
     spec: SampleSpec
     samples: list[Sample]  # in index order
     skipped: int  # unreadable samples passed over
+    _drawn: dict[tuple[int, ...], dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def ids(self) -> list[str]:
@@ -87,6 +88,10 @@ class ValidationSet:
 
     def batch(self, positions: Sequence[int]) -> dict[str, Any]:
         """The samples at ``positions`` (into ``samples``) as a loader batch: ``latent`` (n, F, C, h, w)
-        float32, drawn as described above, plus the labels / padded captions the dataset carries."""
-        chosen = [self.samples[p] for p in positions]
-        return draw_batch(chosen, self.spec, VALIDATION_SEED, 0, torch.float32)
+        float32, drawn as described above, plus the labels / padded captions the dataset carries. Drawn once
+        per ``positions`` (every evaluation asks for the same batches) and kept: callers must not modify it."""
+        key = tuple(positions)
+        if key not in self._drawn:
+            chosen = [self.samples[p] for p in key]
+            self._drawn[key] = draw_batch(chosen, self.spec, VALIDATION_SEED, 0, torch.float32)
+        return self._drawn[key]

@@ -34,6 +34,7 @@ def test_the_set_is_the_first_readable_clips_in_index_order(tmp_path):
     assert batch["latent"].shape == (2, *SHAPE) and batch["y"].tolist() == [0, 3]
     again = ValidationSet.read(str(tmp_path), clips=6).batch([0, 5])["latent"]
     assert torch.equal(again, batch["latent"])  # the posterior draw is fixed
+    assert val.batch([0, 5]) is batch  # and made once: later evaluations reuse it
     assert len(ValidationSet.read(str(tmp_path), clips=100)) == 10  # fewer than asked: all of them
 
 
@@ -183,9 +184,10 @@ def test_text_to_video_validation_uses_the_captions_and_their_masks(tmp_path):
     longer.facts = dataclasses.replace(longer.facts, max_caption_tokens=longer.facts.max_caption_tokens + 5)
     longer.spec = dataclasses.replace(longer.spec, facts=longer.facts)
     torch.testing.assert_close(torch.tensor(loss(longer)), torch.tensor(base), rtol=1e-6, atol=0)
-    for s in val.samples:  # another caption per clip: another loss
+    other = ValidationSet.read(str(tmp_path / "val"), clips=3, expected=expected_of(cfg))
+    for s in other.samples:  # another caption per clip (before its batches are drawn): another loss
         s.values["encoder_hidden_states"] = -s.values["encoder_hidden_states"]
-    changed = torch.tensor(loss(val))
+    changed = torch.tensor(loss(other))
     assert ((changed - torch.tensor(base)).abs() > 1e-4 * changed.abs()).all()  # (>> the 1e-6 above)
 
 
