@@ -64,6 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", help="with --checkpoint: sampling steps, e.g. 250 (the reference) or ddim50")
     p.add_argument("--cfg-scale", type=float, help="with --checkpoint: guidance scale (Latte's UCF101: 7)")
     p.add_argument("--seed", type=int, help="with --checkpoint: sample i's noise is drawn from (seed, i)")
+    p.add_argument(  # text-to-video checkpoints: what latte.sample takes
+        "--prompt", action="append", help="with a text-to-video --checkpoint: a prompt (repeat; cycled)"
+    )
+    p.add_argument("--prompts", help="with a text-to-video --checkpoint: a file of prompts, one per line")
+    p.add_argument(
+        "--text-encoder", help="with a text-to-video --checkpoint: the T5 (default: the dataset's)"
+    )
+    p.add_argument("--prompt-embeds", help="with a text-to-video --checkpoint: prompt embeddings (.pt)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per sampling batch and detector call")
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -108,6 +116,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ConfigError("give the fakes as --fakes DIR or --checkpoint CKPT (one of them)")
     if args.num_videos is not None and args.checkpoint is None:
         raise ConfigError("--num-videos is the number of videos to sample from --checkpoint")
+    prompted = args.prompt or args.prompts or args.text_encoder or args.prompt_embeds
+    if prompted and args.checkpoint is None:
+        raise ConfigError("--prompt, --prompts, --text-encoder and --prompt-embeds sample from --checkpoint")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
     return metrics
@@ -240,8 +251,12 @@ class Sampler:
 
         argv = [args.checkpoint, "--weights", args.weights, "--num-samples", str(args.num_videos or 2048)]
         argv += ["--batch-size", str(args.batch_size)]
-        for flag, value in (("--config", args.config), ("--vae", args.vae), ("--steps", args.steps)):
+        given = {"--config": args.config, "--vae": args.vae, "--steps": args.steps, "--prompts": args.prompts}
+        given.update({"--text-encoder": args.text_encoder, "--prompt-embeds": args.prompt_embeds})
+        for flag, value in given.items():
             argv += [flag, value] if value else []
+        for prompt in args.prompt or ():
+            argv += ["--prompt", prompt]
         for flag, value in (("--cfg-scale", args.cfg_scale), ("--seed", args.seed)):
             argv += [flag, str(value)] if value is not None else []
         self.args = sample_args(argv + (["--set", *args.set] if args.set else []))  # latte.sample's flags
@@ -274,9 +289,11 @@ class Sampler:
 
     def describe(self) -> str:
         s = self.cfg.sample
+        prompts = getattr(self.conditioning, "prompts", ())
+        cycled = f", {len(prompts)} prompts cycled, the first {prompts[0]!r}" if prompts else ""
         return (
             f"{s.num_samples} videos sampled from {self.weights} ({self.cfg.diffusion.sampling_steps} steps, "
-            f"cfg scale {s.cfg_scale:g}, seed {s.seed}), decoded by {self.decoder.vae_id}"
+            f"cfg scale {s.cfg_scale:g}, seed {s.seed}{cycled}), decoded by {self.decoder.vae_id}"
         )
 
     def steps(self) -> int:

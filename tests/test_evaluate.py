@@ -19,6 +19,7 @@ import torch
 from evaluation_fixture import TinyI3D, TinyInception, save_detector
 from PIL import Image
 from test_sample import one_thread  # noqa: F401 - the tiny models' one-thread fixture (autouse)
+from text_encoder_fixture import tiny_t5_dir
 
 from data_pipeline.toy_videos import make_class_videos, make_video, synthetic_frames
 from latte.evaluate import fake_takes, main
@@ -418,3 +419,51 @@ def test_help_runs():
         timeout=120,
     )
     assert done.returncode == 0 and "--real-stats" in done.stdout and "--checkpoint" in done.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> str:
+    return tiny_t5_dir(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_a_text_to_video_checkpoint_is_evaluated_from_prompts(data, tmp_path, tiny_t5, capsys):
+    """``--checkpoint`` of a LatteT2V run with ``--prompt`` (cycled) and ``--text-encoder``: the fakes are
+    sampled from the prompts, the result says so; the same flags without a checkpoint are one line."""
+    from test_checkpoint import _env
+
+    from data_pipeline.toy_videos import make_tiny_vae
+
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny_t2v.yaml", "--resume", "none", "--set"]
+    cmd += [f"train.results_dir={tmp_path / 'run'}", "train.max_steps=2", "train.ckpt_every=2"]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    vae = make_tiny_vae(tmp_path / "vae", downsample=8)
+    made = result_of(
+        data,
+        tmp_path / "t2v.json",
+        "--checkpoint",
+        str(tmp_path / "run" / "checkpoints"),
+        "--num-videos",
+        "2",
+        "--batch-size",
+        "2",
+        "--steps",
+        "ddim2",
+        "--cfg-scale",
+        "4",
+        "--set",
+        "sample.total_frames=16",
+        "--vae",
+        str(vae),
+        "--text-encoder",
+        tiny_t5,
+        "--prompt",
+        "a red square moving left",
+        "--prompt",
+        "a blue square moving up",
+    )
+    assert made["fakes"]["features"] == {"fvd16": 2} and made["results"]["fvd16"] > 0
+    assert "2 prompts cycled, the first 'a red square moving left'" in made["fakes"]["source"]
+    assert evaluate(data, "--fakes", str(data.root / "png"), "--prompt", "a cat") == 2
+    assert "sample from --checkpoint" in capsys.readouterr().err
