@@ -123,7 +123,9 @@ def _train(
         validator = Validator(cfg, world, conditioning, open_validation_set(cfg, data.facts), place)
     resume_from = checkpoints.find()  # refused (another config, dir in use, unwritable) before any build
     attention = attention_line(cfg, world.device, DTYPES[t_cfg.precision])  # can't run: an error
-    training = build_training(cfg, world, load_universal=checkpoints.reshard)
+    training = build_training(
+        cfg, world, load_universal=checkpoints.reshard, resuming=resume_from is not None
+    )
     engine, ema, diffusion = training.engine, training.ema, training.diffusion
     run_dir = make_run_dir(cfg, checkpoints.resumed_run_dir) if world.is_main else None
     caption_tokens = data.facts.max_caption_tokens if data.facts is not None else CAPTION_TOKENS

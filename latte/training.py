@@ -46,11 +46,12 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def build_training(cfg: Config, world, load_universal: bool = False) -> Training:
+def build_training(cfg: Config, world, load_universal: bool = False, resuming: bool = False) -> Training:
     """Everything a training step needs, from ``cfg`` (``load_universal``: the checkpoint to resume from
-    was saved by another number of ranks, ``CheckpointManager.reshard``)."""
+    was saved by another number of ranks, ``CheckpointManager.reshard``; ``resuming``: a checkpoint will
+    overwrite the weights, so ``model.init_from`` is not read, unless LoRA's frozen base needs it)."""
     seed_everything(cfg.train.seed)
-    model = build_model(cfg)
+    model = build_model(cfg, base_weights=not resuming or lora.enabled(cfg.model.lora))
     fixed = {name: p.detach().clone() for name, p in model.named_parameters() if name in model.FIXED_TABLES}
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import test_checkpoint as ckpt_tests
 import torch
-from test_checkpoint import _finish, _kill_9, _one_process, _start, assert_same_checkpoint
+from test_checkpoint import _finish, _kill_9, _one_process, _start, assert_same_bits, assert_same_checkpoint
 from test_sample import latents_in, sample_cli
 from test_t2v import _run as run_python
 
@@ -388,3 +388,30 @@ def test_layouts_of_one_global_batch_train_the_same_adapters_with_dropout(tmp_pa
     assert torch.equal(
         two_ranks["weights"]["blocks.0.attn.qkv.base_layer.weight"], base["blocks.0.attn.qkv.weight"]
     )
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_resumes_without_its_init_from_file(tmp_path, base_pt):
+    """Full fine-tuning from ``model.init_from``: a resume takes every weight from the checkpoint, so it
+    does not read the base (moved away here) and ends with the bits of a run that never stopped; LoRA,
+    whose checkpoint holds the adapters alone, still needs its base (the tests above)."""
+    import shutil
+
+    base = tmp_path / "base.pt"
+    shutil.copy(base_pt, base)
+    steps = ["train.max_steps=4", "train.ckpt_every=2", "train.log_every=2", f"model.init_from={base}"]
+    whole = _one_process(tmp_path / "whole", *steps, resume="none")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    half = _one_process(tmp_path / "half", *steps[1:], "train.max_steps=2", resume="none")
+    assert half.returncode == 0, half.stderr[-3000:]
+    base.rename(tmp_path / "moved.pt")
+    resumed = _one_process(tmp_path / "half", *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout, resumed.stdout[-2000:]
+    a, b = (tmp_path / run / "checkpoints" / tag_for(4) for run in ("whole", "half"))
+    files = sorted(p.name for p in a.glob("*.pt"))
+    assert files == sorted(p.name for p in b.glob("*.pt")) and "ema_consolidated.pt" in files
+    for name in files:  # one rank's optimizer shard, module and rank state, and the EMA: the same bits
+        assert_same_bits(
+            torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False), name
+        )
