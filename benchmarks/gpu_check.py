@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -63,6 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import latte.models.attention as kernels  # noqa: E402
+from latte import lora  # noqa: E402
 from latte.builders import build_diffusion, build_model, compile_blocks  # noqa: E402
 from latte.config import Config, caption_channels_of, load_config, resolved_arch  # noqa: E402
 from latte.errors import first_line  # noqa: E402
@@ -447,7 +449,7 @@ def _mfu(cfg: Config, ms: float, dev: torch.device) -> float | None:
         flops = t2v_flops_per_sample(arch, d.num_frames, d.latent_size, CAPTION_TOKENS, m.in_channels, out)
     else:
         flops = flops_per_sample(arch, d.num_frames, d.latent_size)
-    flops = flops.training
+    flops = dataclasses.replace(flops, frozen=lora.enabled(m.lora)).training  # LoRA: no weight gradients
     return None if not peak else flops * cfg.train.micro_batch_size / (ms / 1e3) / peak
 
 

@@ -6,6 +6,7 @@ device name, and ``MetricsLogger`` logging ``flops x samples/s / peak`` with the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from latte import lora
 from latte.config import Config, resolved_arch
 from latte.models.flavors import LatteArch, LatteT2VArch
 
@@ -26,6 +28,10 @@ class FlopsBreakdown:
     attention: float  # QK^T and AV, spatial and temporal
     adaln: float  # adaLN modulation, computed per sequence (per frame / per token position) as the original
     embed: float  # timestep MLP
+    # of ``linear``: matmuls whose input never needs a gradient (the patch embedding of x_t; LatteT2V's
+    # caption keys/values, from the projected caption)
+    no_input_grad: float = 0.0
+    frozen: bool = False  # the weights are frozen (LoRA): backward computes no weight gradients
 
     @property
     def forward(self) -> float:
@@ -33,7 +39,14 @@ class FlopsBreakdown:
 
     @property
     def training(self) -> float:
-        """Model FLOPs of forward + backward (backward = 2x forward); recomputation is not counted."""
+        """Model FLOPs of forward + backward (backward = 2x forward: input and weight gradients, the usual
+        6N-per-token rule); recomputation is not counted. Frozen weights (LoRA): a weight's matmul costs its
+        forward and, where its input needs one, its input gradient; attention's stay 3x; the adaLN and
+        embedding matmuls (of the timestep and label, which need no gradient) their forward alone; the
+        adapters' own small matmuls (rank / width of a layer's) are not counted."""
+        if self.frozen:
+            once = self.no_input_grad + self.adaln + self.embed
+            return 3 * self.attention + 2 * (self.linear - self.no_input_grad) + once
         return 3 * self.forward
 
 
@@ -61,7 +74,7 @@ def flops_per_sample(
     attention = pairs * (4 * s * t * t * d + 4 * t * f * f * d)  # QK^T + AV: over T (spatial), F (temporal)
     adaln = pairs * (s + t) * 2 * d * 6 * d + s * 2 * d * 2 * d  # blocks' 6D and the final layer's 2D rows
     embed = 2 * (256 * d + d * d)
-    return FlopsBreakdown(float(linear), float(attention), float(adaln), float(embed))
+    return FlopsBreakdown(float(linear), float(attention), float(adaln), float(embed), float(patch_in))
 
 
 # Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets, by a substring of torch.cuda.get_device_name(),
@@ -142,6 +155,8 @@ class MetricsLogger:
             else:
                 args = (arch, d.num_frames, d.latent_size, m.in_channels, m.learn_sigma, d.use_image_num)
                 self.flops = flops_per_sample(*args)
+            if lora.enabled(m.lora):  # LoRA: the base's weights get no gradients
+                self.flops = dataclasses.replace(self.flops, frozen=True)
             self.tokens_per_sample = (d.num_frames + d.use_image_num) * (
                 d.latent_size // arch.patch_size
             ) ** 2
@@ -265,4 +280,5 @@ def t2v_flops_per_sample(
     attention *= arch.num_layers  # QK^T + AV: self over T, cross over the caption, temporal over F
     adaln = 2 * d * 6 * d
     embed = 2 * (256 * d + d * d) + 2 * length * captions * (arch.caption_channels * d + d * d)
-    return FlopsBreakdown(float(linear), float(attention), float(adaln), float(embed))
+    no_input_grad = patch_in + arch.num_layers * cross_kv
+    return FlopsBreakdown(float(linear), float(attention), float(adaln), float(embed), float(no_input_grad))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -66,3 +68,25 @@ def test_fp32_peak_is_tf32_only_with_tf32_on():
     assert peak_for_name("NVIDIA H100 80GB HBM3", "fp32", tf32=False) == 67e12
     assert peak_for_name("NVIDIA A100-SXM4-80GB", "fp32", tf32=False) == 19.5e12
     assert peak_for_name("NVIDIA B200", "fp32", tf32=False) is None  # not in the table: MFU n/a
+
+
+def test_frozen_weights_training_flops_match_torch_flop_counter():
+    """LoRA's count (``frozen``): with every weight frozen and the gradient flowing back through every block
+    (here: into the spatial position table, as into the first adapters), forward + backward is what torch
+    counts: no weight gradients, no input gradient for the patch embedding, adaLN and the embeddings."""
+    arch, frames, latent = LATTE_ARCHS["Latte-T/2"], 4, 8
+    model = Latte(input_size=latent, num_frames=frames, num_classes=5, attention="math", **arch.__dict__)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():  # adaLN-Zero's zeros would make some products vanish from the graph
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    model.pos_embed.requires_grad_(True)
+    x = torch.randn(2, frames, 4, latent, latent)
+    t, y = torch.tensor([3, 500]), torch.tensor([1, 2])
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y).square().sum().backward()
+    ours = dataclasses.replace(flops_per_sample(arch, frames, latent), frozen=True)
+    assert ours.training * 2 == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert 0.6 < ours.training / flops_per_sample(arch, frames, latent).training < 0.7
