@@ -579,8 +579,6 @@ def _validate_lora(cfg: Config) -> None:
             "model.lora.rank > 0 needs model.init_from: the base weights the adapters fine-tune "
             "(a released checkpoint, an export, a checkpoint dir or a diffusers folder)"
         )
-    if cfg.model.compile:
-        raise ConfigError("model.compile is not supported with model.lora (peft's layers); set it false")
 
 
 def _validate_images(cfg: Config) -> None:

@@ -106,14 +106,21 @@ class SampleSeededDropout(nn.Module):
         samples = len(self.seeds)
         if x.shape[0] % samples:
             raise RuntimeError(f"LoRA dropout: {x.shape[0]} rows are not a multiple of {samples} samples")
-        rows = x.shape[0] // samples
-        g = torch.Generator(device=x.device)
-        keep = []
-        for seed in self.seeds:
-            g.manual_seed(splitmix64(seed ^ self.stream) >> 1)
-            keep.append(torch.rand((rows, *x.shape[1:]), generator=g, device=x.device) >= self.p)
-        mask = torch.cat(keep).to(x.dtype)  # (B * k, ...) of sample b's own draws
+        mask = _seeded_masks(self.seeds, self.stream, self.p, x)  # (B * k, ...) of sample b's own draws
         return x * mask / (1.0 - self.p)
+
+
+@torch.compiler.disable  # a generator per call: runs eagerly between compiled regions (model.compile)
+def _seeded_masks(seeds: tuple[int, ...], stream: int, p: float, x: Tensor) -> Tensor:
+    """Keep masks of x's shape in x's dtype, rows ``[b k, (b + 1) k)`` drawn from ``seeds[b]`` and
+    ``stream``."""
+    rows = x.shape[0] // len(seeds)
+    g = torch.Generator(device=x.device)
+    keep = []
+    for seed in seeds:
+        g.manual_seed(splitmix64(seed ^ stream) >> 1)
+        keep.append(torch.rand((rows, *x.shape[1:]), generator=g, device=x.device) >= p)
+    return torch.cat(keep).to(x.dtype)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
