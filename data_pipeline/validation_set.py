@@ -89,7 +89,8 @@ class ValidationSet:
     def batch(self, positions: Sequence[int]) -> dict[str, Any]:
         """The samples at ``positions`` (into ``samples``) as a loader batch: ``latent`` (n, F, C, h, w)
         float32, drawn as described above, plus the labels / padded captions the dataset carries. Drawn once
-        per ``positions`` (every evaluation asks for the same batches) and kept: callers must not modify it."""
+        per ``positions`` (every evaluation asks for the same batches) and kept: callers must not modify
+        it."""
         key = tuple(positions)
         if key not in self._drawn:
             chosen = [self.samples[p] for p in key]
